@@ -1,0 +1,163 @@
+"""MACs and parameters, counted from the graph.
+
+MACs count the ops that torch.utils.flop_counter counts (convolutions, linear
+layers, matrix products, attention): FLOPs = 2 x MACs. Each such op is a *term*,
+a product of tensor dims; the same terms, read through the spaces of a comb,
+give the cost of any pruned size assignment without building the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils import _pytree as pytree
+
+from passes.comb import hints
+from passes.rules import resolve_op
+
+from .capture import as_tuple, capture, is_captured
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int
+    params: int
+
+    def __str__(self):
+        return f"{self.macs / 1e6:.2f} MMACs, {self.params / 1e6:.3f} M params"
+
+
+def _out(node):
+    return [(node, d) for d in range(node.meta["val"].dim())]
+
+
+def _conv_term(node):
+    transposed = "transpose" in node.target._opname or (
+        node.target is aten.convolution.default and node.args[6])
+    w = node.args[1]
+    side = node.args[0] if transposed else node  # per input (transposed) or output position
+    return [_out(side) + [(w, d) for d in range(1, w.meta["val"].dim())]]
+
+
+def _linear_term(node):
+    return [_out(node) + [(node.args[1], 1)]]
+
+
+def _matmul_term(node):
+    a = node.args[0]
+    return [_out(node) + [(a, a.meta["val"].dim() - 1)]]
+
+
+def _sdpa_terms(node):
+    q, k = node.args[0], node.args[1]
+    source = (k, k.meta["val"].dim() - 2)
+    return [_out(q) + [source], _out(node) + [source]]
+
+
+CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
+            "convolution", "conv_transpose1d", "conv_transpose1d.input", "conv_transpose2d.input",
+            "conv_transpose3d.input")
+MAC_TERMS = {
+    **{resolve_op(name): _conv_term for name in CONV_OPS},
+    aten.linear.default: _linear_term,
+    aten.matmul.default: _matmul_term,
+    aten.bmm.default: _matmul_term,
+    aten.mm.default: _matmul_term,
+    aten.scaled_dot_product_attention.default: _sdpa_terms,
+}
+MAC_TERMS.pop(None, None)
+
+
+def mac_terms(gm: fx.GraphModule) -> list:
+    """Each MAC-counted op as a list of (node, dim) whose sizes multiply."""
+    terms = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in MAC_TERMS:
+            terms += MAC_TERMS[node.target](node)
+    return terms
+
+
+def _size(node, d):
+    s = node.meta["val"].shape[d]
+    return int(s) if is_concrete_int(s) else s.node.expr
+
+
+def batch_values(gm: fx.GraphModule, example_inputs=None) -> dict:
+    """Values for the graph's symbolic sizes: from example_inputs when given,
+    else the sizes seen at capture."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = {}
+    for node in placeholders:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shape_env = getattr(val, "fake_mode", None) and val.fake_mode.shape_env
+            if shape_env is not None:
+                values.update(hints(shape_env))
+    if example_inputs is not None:
+        flat = pytree.tree_leaves(as_tuple(example_inputs))
+        tensors = [n for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)]
+        for node, x in zip(tensors, [x for x in flat if isinstance(x, torch.Tensor)]):
+            for s, actual in zip(node.meta["val"].shape, x.shape):
+                if not is_concrete_int(s) and isinstance(s.node.expr, sympy.Symbol):
+                    values[s.node.expr] = actual
+    return values
+
+
+def concrete(size, values: dict) -> int:
+    return int(size) if isinstance(size, int) else int(sympy.sympify(size).subs(values))
+
+
+def count_params(gm: torch.nn.Module) -> int:
+    return sum(p.numel() for p in gm.parameters())
+
+
+def cost(model, example_inputs=None) -> Cost:
+    """MACs and parameters of a model (or captured graph) for example_inputs."""
+    if not is_captured(model):
+        if example_inputs is None:
+            raise ValueError("cost of an uncaptured model needs example_inputs")
+        model = capture(model, example_inputs)
+    values = batch_values(model, example_inputs)
+    macs = 0
+    for term in mac_terms(model):
+        m = 1
+        for node, d in term:
+            m *= concrete(_size(node, d), values)
+        macs += m
+    return Cost(int(macs), count_params(model))
+
+
+class CostModel:
+    """The cost of a graph as a function of its groups' sizes (via a comb)."""
+
+    def __init__(self, gm: fx.GraphModule, comb, example_inputs=None):
+        self.spaces = comb.spaces
+        self.values = batch_values(gm, example_inputs)
+        dims = comb.node_dims
+        self.terms = [[dims[n.name][d] for n, d in term] for term in mac_terms(gm)]
+        names = dict(gm.named_parameters())
+        self.params = [comb.param_dims[name] for name in names if name in comb.param_dims]
+        self.fixed_params = sum(p.numel() for name, p in names.items() if name not in comb.param_dims)
+
+    def __call__(self, sizes: dict | None = None) -> Cost:
+        sizes = sizes or {}
+        cache = {}
+
+        def size(space):
+            if space not in cache:
+                cache[space] = concrete(self.spaces.new_size(space, sizes), self.values)
+            return cache[space]
+
+        def product(spaces):
+            p = 1
+            for s in spaces:
+                p *= size(s)
+            return p
+
+        return Cost(sum(product(t) for t in self.terms),
+                    self.fixed_params + sum(product(p) for p in self.params))

@@ -1,0 +1,107 @@
+"""One-shot global pruning to a MACs or parameter budget."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch.fx as fx
+
+from passes import comb as comb_pass
+from passes import eliminate
+
+from .capture import capture
+from .cost import CostModel
+from .importance import normalise, resolve
+
+REPORT = "cpdfx_report"
+
+
+class BudgetError(ValueError):
+    """The budget asked for cannot be met."""
+
+
+def _check_ratio(name, value):
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise BudgetError(f"{name}={value!r}: a budget is the share of the original to keep, "
+                          f"a number in (0, 1], e.g. {name}=0.5 for half")
+
+
+def _ignored(group, ignore) -> bool:
+    return any(name == i or name.startswith(i + ".") for name, _ in group.params for i in ignore)
+
+
+def select_keep(scores: dict, sizes: dict, threshold: float, round_to: int, min_keep: int) -> dict:
+    """Per group, the channels whose normalised score is above threshold (at
+    least min_keep, and a multiple of round_to unless the group is smaller)."""
+    keep = {}
+    for gid, s in scores.items():
+        n = int((s > threshold).sum())
+        n = max(n, min(min_keep, sizes[gid]))
+        if round_to > 1:
+            n = min(sizes[gid], math.ceil(n / round_to) * round_to)
+        if n < sizes[gid]:
+            keep[gid] = np.sort(np.argsort(-s, kind="stable")[:n])
+    return keep
+
+
+def solve(cost_model: CostModel, scores: dict, sizes: dict, *, macs=None, params=None,
+          round_to: int = 1, min_keep: int = 1) -> dict:
+    """The lowest global threshold on normalised scores that meets every target."""
+    base = cost_model()
+    limits = {"macs": None if macs is None else macs * base.macs,
+              "params": None if params is None else params * base.params}
+
+    def fits(keep):
+        c = cost_model({g: len(i) for g, i in keep.items()})
+        return all(limit is None or getattr(c, k) <= limit for k, limit in limits.items())
+
+    thresholds = np.unique(np.concatenate([s for s in scores.values()] + [np.array([-np.inf])]))
+    if not fits(select_keep(scores, sizes, thresholds[-1], round_to, min_keep)):
+        smallest = cost_model({g: min(min_keep, n) for g, n in sizes.items()})
+        raise BudgetError(
+            f"cannot reach macs={macs}, params={params}: pruning every prunable group to "
+            f"{min_keep} channel(s) leaves {smallest.macs / base.macs:.1%} of the MACs and "
+            f"{smallest.params / base.params:.1%} of the parameters")
+    lo, hi = 0, len(thresholds) - 1  # fits(hi) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(select_keep(scores, sizes, thresholds[mid], round_to, min_keep)):
+            hi = mid
+        else:
+            lo = mid + 1
+    return select_keep(scores, sizes, thresholds[hi], round_to, min_keep)
+
+
+def prune(model, example_inputs, *, macs=None, params=None, importance="l2", ignore=(),
+          round_to: int = 1, min_keep: int = 1) -> fx.GraphModule:
+    """Prune model globally until it has at most `macs` and `params` (shares of
+    the original) and return the slim GraphModule.
+
+    importance: "l1", "l2", "random" or a callable (gm, comb) -> {group: scores};
+    ignore: module or parameter names whose channels are all kept;
+    round_to: every pruned channel count a multiple of this (or the full size).
+    slim.meta["cpdfx_kept"] maps parameter names to {dim: kept indices};
+    slim.meta["cpdfx_report"] holds the cost before and after."""
+    if macs is None and params is None:
+        raise BudgetError("give a budget: macs=, params= or both (shares of the original, in (0, 1])")
+    _check_ratio("macs", macs)
+    _check_ratio("params", params)
+    score_fn = resolve(importance)
+    gm = capture(model, example_inputs)
+    groups = comb_pass(gm)
+    candidates = [g for g in groups.prunable if not _ignored(g, ignore)]
+    raw = score_fn(gm, groups)
+    scores = normalise({g.id: raw[g.id] for g in candidates})
+    cost_model = CostModel(gm, groups, example_inputs)
+    keep = solve(cost_model, scores, {g.id: g.size for g in candidates}, macs=macs, params=params,
+                 round_to=round_to, min_keep=min_keep)
+    slim = eliminate(gm, groups, keep)
+    before, after = cost_model(), cost_model({g: len(i) for g, i in keep.items()})
+    slim.meta[REPORT] = {
+        "target": {"macs": macs, "params": params},
+        "macs": [before.macs, after.macs], "params": [before.params, after.params],
+        "groups_pruned": len(keep), "groups_prunable": len(candidates),
+    }
+    return slim

@@ -1,0 +1,8 @@
+"""Graph passes of cpdfx: pure functions from torch.fx graphs to facts or graphs."""
+from .comb import Comb, Group, comb, kept_indices
+from .eliminate import eliminate, propagate_shapes
+from .mode import set_mode
+from .rules import RULES, Rule
+
+__all__ = ["Comb", "Group", "RULES", "Rule", "comb", "eliminate", "kept_indices",
+           "propagate_shapes", "set_mode"]

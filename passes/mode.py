@@ -1,0 +1,64 @@
+"""Switch a captured graph between train and eval behaviour.
+
+torch.export bakes the mode into the graph: `batch_norm(..., training, ...)`,
+`dropout(x, p, train)`, attention dropout, and the `num_batches_tracked += 1`
+of every batch norm. This pass flips those arguments in place; the train-time
+values are remembered on the nodes so that the switch can be undone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .rules import arg, set_arg
+
+aten = torch.ops.aten
+
+TRAIN_VALUE = "cpdfx_train_value"
+
+# op -> (argument index, name, value in eval); the train value is what capture saw
+MODE_ARGS = {
+    aten.batch_norm.default: (5, "training", False),
+    aten.dropout.default: (2, "train", False),
+    aten.dropout_.default: (2, "train", False),
+    aten.feature_dropout.default: (2, "train", False),
+    aten.alpha_dropout.default: (2, "train", False),
+    aten.scaled_dot_product_attention.default: (4, "dropout_p", 0.0),
+}
+
+
+def _is_batch_counter(node: fx.Node) -> bool:
+    """`num_batches_tracked.add_(1)`: counted in train mode only."""
+    return (node.target is aten.add_.Tensor and node.args[0].op == "get_attr"
+            and str(node.args[0].target).endswith("num_batches_tracked"))
+
+
+CAPTURED_TRAINING = "cpdfx_captured_training"
+
+
+def _train_value(node, index, name, eval_value, captured_training):
+    """The argument's train-mode value: as captured, or for a graph captured in
+    eval mode, True for the on/off flags (dropout rates stay as they were)."""
+    value = arg(node, index, name, eval_value)
+    return True if (not captured_training and isinstance(eval_value, bool)) else value
+
+
+def set_mode(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
+    """Make gm behave as in train (True) or eval (False) mode; returns gm."""
+    captured_training = gm.meta.setdefault(CAPTURED_TRAINING, gm.training)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.batch_norm.default and node.args[3] is None:
+            continue  # no running statistics: batch statistics in both modes
+        if node.target in MODE_ARGS:
+            index, name, eval_value = MODE_ARGS[node.target]
+            if TRAIN_VALUE not in node.meta:
+                node.meta[TRAIN_VALUE] = _train_value(node, index, name, eval_value, captured_training)
+            set_arg(node, index, name, node.meta[TRAIN_VALUE] if training else eval_value)
+        elif _is_batch_counter(node):
+            node.meta.setdefault(TRAIN_VALUE, node.args[1])
+            node.args = (node.args[0], node.meta[TRAIN_VALUE] if training else 0)
+    gm.recompile()
+    torch.nn.Module.train(gm, training)
+    return gm

@@ -1,0 +1,15 @@
+from setuptools import setup
+
+setup(
+    name="cpdfx",
+    version="0.1.0",
+    description="Compile-time structured pruning of PyTorch vision models on torch.fx graphs",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=["cpdfx", "passes"],
+    python_requires=">=3.10",
+    # torch is pinned in constraints.txt (the CPU wheel); see README
+    install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "sympy", "tqdm"],
+    extras_require={"test": ["pytest", "hypothesis", "transformers>=5"]},
+    entry_points={"console_scripts": ["cpdfx=cpdfx.cli:main"]},
+)

@@ -1,0 +1,67 @@
+"""Shared test helpers: the mask-equivalence oracle and random keep sets."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+import passes
+
+
+def input_dim(module: nn.Module) -> int | None:
+    """The weight dim that indexes a layer's input channels."""
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return 0
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return 1
+    return None
+
+
+def masked_original(model: nn.Module, kept: dict) -> nn.Module:
+    """A copy of model with the input columns the slim model dropped zeroed in
+    every conv and linear layer: it must compute what the slim model computes."""
+    masked = copy.deepcopy(model)
+    for name, module in masked.named_modules():
+        d = input_dim(module)
+        dims = kept.get(f"{name}.weight", {})
+        if d is None or d not in dims:
+            continue
+        drop = np.setdiff1d(np.arange(module.weight.shape[d]), dims[d])
+        with torch.no_grad():
+            module.weight.index_fill_(d, torch.as_tensor(drop, dtype=torch.long), 0.0)
+    return masked
+
+
+def random_keep(comb, rng, share=0.5) -> dict:
+    """Random indices for every prunable group, between 1 and all channels."""
+    keep = {}
+    for g in comb.prunable:
+        n = int(rng.integers(1, g.size + 1)) if share is None else max(1, int(g.size * share))
+        keep[g.id] = rng.choice(g.size, n, replace=False)
+    return keep
+
+
+def assert_same_outputs(a, b, atol=1e-5):
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb, f"output structure differs: {sa} vs {sb}"
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            assert x.shape == y.shape, f"shape {tuple(x.shape)} vs {tuple(y.shape)}"
+            torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
+
+
+def prune_and_mask(model, x, rng, share=0.5):
+    """Capture, comb and eliminate with random keep sets; return slim and masked original."""
+    gm = passes_capture(model, x)
+    comb = passes.comb(gm)
+    slim = passes.eliminate(gm, comb, random_keep(comb, rng, share))
+    return gm, comb, slim, masked_original(model, slim.meta["cpdfx_kept"])
+
+
+def passes_capture(model, x):
+    import cpdfx
+    return cpdfx.capture(model, x)
