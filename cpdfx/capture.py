@@ -66,12 +66,17 @@ def _install_mode_switch(gm: fx.GraphModule, training: bool) -> None:
     """ep.module() refuses train()/eval(); make both switch the graph instead."""
     gm.meta[CAPTURED_TRAINING] = training
     gm.__dict__.pop("eval", None)  # nn.Module.eval calls self.train(False)
-    gm.train = types.MethodType(set_mode, gm)
+    gm.train = types.MethodType(_train, gm)
     torch.nn.Module.train(gm, training)
+
+
+def _train(gm: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+    return set_mode(gm, mode)
 
 
 def _explain(model, err, dynamic_batch) -> str:
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    first = first.rstrip(".")
     if len(first) > 300:
         first = first[:297] + "..."
     hint = (" If the message is about the batch dimension, try dynamic_batch=False (the slim model "

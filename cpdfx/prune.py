@@ -32,46 +32,61 @@ def _ignored(group, ignore) -> bool:
     return any(name == i or name.startswith(i + ".") for name, _ in group.params for i in ignore)
 
 
-def select_keep(scores: dict, sizes: dict, threshold: float, round_to: int, min_keep: int) -> dict:
-    """Per group, the channels whose normalised score is above threshold (at
-    least min_keep, and a multiple of round_to unless the group is smaller)."""
-    keep = {}
+def keep_counts(scores: dict, sizes: dict, threshold: float, round_to: int, min_keep: int) -> dict:
+    """Per group, how many channels have a normalised score above threshold (at
+    least min_keep, and a multiple of round_to unless that is the whole group)."""
+    counts = {}
     for gid, s in scores.items():
-        n = int((s > threshold).sum())
-        n = max(n, min(min_keep, sizes[gid]))
-        if round_to > 1:
-            n = min(sizes[gid], math.ceil(n / round_to) * round_to)
-        if n < sizes[gid]:
-            keep[gid] = np.sort(np.argsort(-s, kind="stable")[:n])
-    return keep
+        n = max(int((s > threshold).sum()), min(min_keep, sizes[gid]))
+        counts[gid] = _round_up(n, round_to, sizes[gid])
+    return counts
+
+
+def _round_up(n, round_to, size):
+    return min(size, math.ceil(n / round_to) * round_to) if round_to > 1 else n
+
+
+def strongest(scores: dict, counts: dict, sizes: dict) -> dict:
+    """The kept indices: the `counts[g]` highest-scoring channels of each group."""
+    return {g: np.sort(np.argsort(-scores[g], kind="stable")[:n]) for g, n in counts.items() if n < sizes[g]}
 
 
 def solve(cost_model: CostModel, scores: dict, sizes: dict, *, macs=None, params=None,
-          round_to: int = 1, min_keep: int = 1) -> dict:
-    """The lowest global threshold on normalised scores that meets every target."""
+          round_to: int = 1, min_keep: int = 1, refill: int = 512) -> dict:
+    """Kept channel counts per group: the lowest global threshold on normalised
+    scores that meets every target, then the strongest pruned channels put back
+    one at a time while the targets still hold (up to `refill` tries), so the
+    result lands close under the budget, not a whole channel step below it."""
     base = cost_model()
     limits = {"macs": None if macs is None else macs * base.macs,
               "params": None if params is None else params * base.params}
 
-    def fits(keep):
-        c = cost_model({g: len(i) for g, i in keep.items()})
+    def fits(counts):
+        c = cost_model(counts)
         return all(limit is None or getattr(c, k) <= limit for k, limit in limits.items())
 
     thresholds = np.unique(np.concatenate([s for s in scores.values()] + [np.array([-np.inf])]))
-    if not fits(select_keep(scores, sizes, thresholds[-1], round_to, min_keep)):
+    if not fits(keep_counts(scores, sizes, thresholds[-1], round_to, min_keep)):
         smallest = cost_model({g: min(min_keep, n) for g, n in sizes.items()})
         raise BudgetError(
             f"cannot reach macs={macs}, params={params}: pruning every prunable group to "
             f"{min_keep} channel(s) leaves {smallest.macs / base.macs:.1%} of the MACs and "
             f"{smallest.params / base.params:.1%} of the parameters")
-    lo, hi = 0, len(thresholds) - 1  # fits(hi) holds
+    lo, hi = 0, len(thresholds) - 1  # the highest threshold fits
     while lo < hi:
         mid = (lo + hi) // 2
-        if fits(select_keep(scores, sizes, thresholds[mid], round_to, min_keep)):
+        if fits(keep_counts(scores, sizes, thresholds[mid], round_to, min_keep)):
             hi = mid
         else:
             lo = mid + 1
-    return select_keep(scores, sizes, thresholds[hi], round_to, min_keep)
+    counts = keep_counts(scores, sizes, thresholds[hi], round_to, min_keep)
+    pruned = sorted(((s[i], g) for g, s in scores.items()
+                     for i in np.argsort(-s, kind="stable")[counts[g]:]), reverse=True)
+    for _, g in pruned[:refill]:
+        grown = {**counts, g: _round_up(counts[g] + 1, round_to, sizes[g])}
+        if grown[g] > counts[g] and fits(grown):
+            counts = grown
+    return counts
 
 
 def prune(model, example_inputs, *, macs=None, params=None, importance="l2", ignore=(),
@@ -95,10 +110,12 @@ def prune(model, example_inputs, *, macs=None, params=None, importance="l2", ign
     raw = score_fn(gm, groups)
     scores = normalise({g.id: raw[g.id] for g in candidates})
     cost_model = CostModel(gm, groups, example_inputs)
-    keep = solve(cost_model, scores, {g.id: g.size for g in candidates}, macs=macs, params=params,
-                 round_to=round_to, min_keep=min_keep)
+    sizes = {g.id: g.size for g in candidates}
+    counts = solve(cost_model, scores, sizes, macs=macs, params=params, round_to=round_to,
+                   min_keep=min_keep)
+    keep = strongest(scores, counts, sizes)
     slim = eliminate(gm, groups, keep)
-    before, after = cost_model(), cost_model({g: len(i) for g, i in keep.items()})
+    before, after = cost_model(), cost_model(counts)
     slim.meta[REPORT] = {
         "target": {"macs": macs, "params": params},
         "macs": [before.macs, after.macs], "params": [before.params, after.params],

@@ -205,9 +205,9 @@ def _groups(spaces: Spaces, param_dims: dict) -> list[Group]:
     groups = []
     for atom, params in touching.items():
         size = spaces.size[atom]
-        if not isinstance(size, int) or spaces.reason(atom) == SPATIAL:
-            continue  # not a channel space
-        reason = spaces.reason(atom) or ("size 1" if size <= 1 else None)
+        if not isinstance(size, int) or size <= 1 or spaces.reason(atom) == SPATIAL:
+            continue  # not a channel space, or nothing to prune
+        reason = spaces.reason(atom)
         groups.append(Group(atom, size, reason is None, reason, params))
     groups.sort(key=lambda g: (not g.prunable, g.id))
     return groups

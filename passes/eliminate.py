@@ -39,7 +39,10 @@ class RewriteContext:
         size = self.comb.spaces.new_size(space, self.sizes)
         return int(size) if isinstance(size, int) or getattr(size, "is_Integer", False) else size
 
-    def kept_mask(self, space) -> np.ndarray:
+    def kept_mask(self, space) -> np.ndarray | None:
+        """Which positions of space survive; None for a frozen space (all do)."""
+        if self.comb.spaces.is_frozen(space):
+            return None
         return self.comb.spaces.kept_positions(space, self.keep)
 
 

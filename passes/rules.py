@@ -304,7 +304,7 @@ def rewrite_split(node, rx):
     xd = rx.dims(x)
     dim = _split_dim(node, len(xd))
     mask = rx.kept_mask(xd[dim])
-    if mask.all():
+    if mask is None or mask.all():
         return
     sizes, start = [], 0
     for piece in rx.dims(node):
@@ -343,7 +343,7 @@ def rewrite_slice(node, rx):
     xd = rx.dims(node.args[0])
     dim = _dim(arg(node, 1, "dim", 0), len(xd))
     mask = rx.kept_mask(xd[dim])
-    if mask.all():
+    if mask is None or mask.all():
         return
     start, end = _slice_bounds(node, len(mask))
     new_start = int(mask[:start].sum())

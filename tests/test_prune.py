@@ -1,0 +1,78 @@
+"""One-shot global pruning to MACs and parameter budgets."""
+import numpy as np
+import pytest
+import torch
+
+import cpdfx
+import passes
+from cpdfx.models import MODELS
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("importance", ["l1", "l2"])
+def test_macs_budget_met_on_every_model(name, importance):
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    slim = cpdfx.prune(model, x, macs=0.5, importance=importance)
+    ratio = cpdfx.cost(slim, x).macs / cpdfx.cost(model, x).macs
+    assert 0.47 <= ratio <= 0.5 + 1e-9, ratio
+    report = slim.meta["cpdfx_report"]
+    assert report["macs"][1] / report["macs"][0] == pytest.approx(ratio)
+
+
+def test_params_budget_and_both_together():
+    model = MODELS["resnet"]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    base = cpdfx.cost(model, x)
+    slim = cpdfx.prune(model, x, params=0.4)
+    assert 0.37 <= cpdfx.cost(slim, x).params / base.params <= 0.4
+    both = cpdfx.cost(cpdfx.prune(model, x, macs=0.6, params=0.3), x)
+    assert both.macs <= 0.6 * base.macs and both.params <= 0.3 * base.params
+
+
+def test_round_to_gives_multiples_of_eight():
+    model = MODELS["resnet"](widths=(32, 64, 128)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    slim = cpdfx.prune(model, x, macs=0.5, round_to=8)
+    comb = passes.comb(slim)
+    for group in comb.groups:
+        if group.prunable:
+            assert group.size % 8 == 0, (group.size, group.params[:2])
+
+
+def test_ignored_layers_keep_their_channels():
+    model = MODELS["vgg"]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    slim = cpdfx.prune(model, x, macs=0.6, ignore=["classifier.1"])
+    assert slim.get_submodule("classifier.1").weight.shape == model.classifier[1].weight.shape
+
+
+def test_importance_ranks_what_is_removed():
+    """With one channel made huge, magnitude pruning keeps it."""
+    model = MODELS["vgg"]().eval()
+    with torch.no_grad():
+        model.features[0][0].weight[5] *= 100
+    slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), macs=0.5, importance="l1")
+    assert 5 in slim.meta["cpdfx_kept"]["features.0.0.weight"][0]
+
+
+def test_pruning_a_slim_model_again_composes_kept_indices():
+    model = MODELS["resnet"]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    once = cpdfx.prune(model, x, macs=0.7)
+    twice = cpdfx.prune(once, x, macs=0.7)
+    assert 0.46 <= cpdfx.cost(twice, x).macs / cpdfx.cost(model, x).macs <= 0.5
+    kept1 = once.meta["cpdfx_kept"]["stem.0.weight"][0]
+    kept2 = twice.meta["cpdfx_kept"]["stem.0.weight"][0]
+    assert set(kept2) <= set(kept1)
+    original = model.stem[0].weight.detach()
+    assert torch.equal(twice.get_submodule("stem.0").weight.detach(), original[kept2])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({}, "give a budget"), ({"macs": 0}, "in \\(0, 1\\]"), ({"macs": 1.5}, "in \\(0, 1\\]"),
+    ({"params": -1}, "in \\(0, 1\\]"), ({"macs": 1e-6}, "cannot reach"),
+    ({"macs": 0.5, "importance": "nope"}, "unknown importance")])
+def test_bad_budgets_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cpdfx.prune(MODELS["vgg"]().eval(), torch.randn(2, 3, 16, 16), **kwargs)
