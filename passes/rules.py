@@ -477,11 +477,7 @@ rule("flatten.using_ints", "squeeze", "squeeze.dim", "squeeze.dims", "unsqueeze"
      "view_as", "_reshape_alias")(comb_reshape)
 
 
-def rewrite_expand(node, rx):
-    rewrite_shape_arg(1, "size")(node, rx)
-
-
-@rule("expand", rewrite=rewrite_expand)
+@rule("expand", rewrite=rewrite_shape_arg(1, "size"))
 def comb_expand(node, cx):
     cx.broadcast(cx.dims(node), cx.dims(node.args[0]))
 
@@ -586,12 +582,8 @@ rule("roll")(along(2, "dims"))
 FACTORY_SIZE_ARG = {"new_zeros": 1, "new_ones": 1, "new_empty": 1, "new_full": 1}
 
 
-def _factory_size_index(node):
-    return FACTORY_SIZE_ARG.get(node.target._opname, 0)
-
-
 def rewrite_factory(node, rx):
-    rewrite_shape_arg(_factory_size_index(node), "size")(node, rx)
+    rewrite_shape_arg(FACTORY_SIZE_ARG.get(node.target._opname, 0), "size")(node, rx)
 
 
 @rule("zeros", "ones", "full", "rand", "randn", "empty.memory_format", "new_zeros", "new_ones",

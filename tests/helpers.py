@@ -8,8 +8,6 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-import passes
-
 
 def input_dim(module: nn.Module) -> int | None:
     """The weight dim that indexes a layer's input channels."""
@@ -52,16 +50,3 @@ def assert_same_outputs(a, b, atol=1e-5):
         if isinstance(x, torch.Tensor):
             assert x.shape == y.shape, f"shape {tuple(x.shape)} vs {tuple(y.shape)}"
             torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
-
-
-def prune_and_mask(model, x, rng, share=0.5):
-    """Capture, comb and eliminate with random keep sets; return slim and masked original."""
-    gm = passes_capture(model, x)
-    comb = passes.comb(gm)
-    slim = passes.eliminate(gm, comb, random_keep(comb, rng, share))
-    return gm, comb, slim, masked_original(model, slim.meta["cpdfx_kept"])
-
-
-def passes_capture(model, x):
-    import cpdfx
-    return cpdfx.capture(model, x)
