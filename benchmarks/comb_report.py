@@ -15,9 +15,8 @@ import cpdfx
 import passes
 from cpdfx import zoo
 from cpdfx.cost import CostModel
-from cpdfx.importance import IMPORTANCES, normalise
 from cpdfx.models import MODELS
-from cpdfx.prune import solve, strongest
+from cpdfx.prune import plan
 
 
 def measure(name, model, x):
@@ -27,15 +26,13 @@ def measure(name, model, x):
     t1 = time.perf_counter()
     comb = passes.comb(gm)
     t2 = time.perf_counter()
-    scores = normalise(IMPORTANCES["l2"](gm, comb))
-    sizes = {g.id: g.size for g in comb.prunable}
-    cost_model = CostModel(gm, comb, x)
-    counts = solve(cost_model, scores, sizes, macs=0.5)
+    chosen = plan(gm, comb, x, macs=0.5, importance="l2")
     t3 = time.perf_counter()
-    slim = passes.eliminate(gm, comb, strongest(scores, counts, sizes))
+    slim = passes.eliminate(gm, comb, chosen.keep)
     t4 = time.perf_counter()
     # the share of parameters the groups could remove if each shrank to one channel
-    share = 1 - cost_model({g: 1 for g in sizes}).params / cost_model().params
+    cost_model = CostModel(gm, comb, x)
+    share = 1 - cost_model({g.id: 1 for g in comb.prunable}).params / cost_model().params
     with torch.no_grad():
         slim(x)
     macs = cpdfx.cost(slim, x).macs / cpdfx.cost(gm, x).macs

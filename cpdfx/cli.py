@@ -65,7 +65,8 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from . import cost, prune
+    from . import prune
+    from .cost import Cost
     from passes import comb
     from .models import ResNetTiny
     torch.manual_seed(0)
@@ -74,14 +75,15 @@ def cmd_demo(args) -> None:
     start = time.perf_counter()
     slim = prune(model, x, macs=args.macs, importance=args.importance, round_to=args.round_to)
     seconds = time.perf_counter() - start
-    before, after = cost(model, x), cost(slim, x)
+    report = slim.meta["cpdfx_report"]
+    before, after = (Cost(macs, params) for macs, params in zip(report["macs"], report["params"]))
     with torch.no_grad():
         out = slim(x)
     print(comb(slim).table())
     print(f"\nResNetTiny, input {tuple(x.shape)}, importance {args.importance}, target {args.macs:.0%} MACs")
     print(f"  before: {before}")
     print(f"  after:  {after}  ({after.macs / before.macs:.1%} MACs, {after.params / before.params:.1%} params)")
-    print(f"  slim output {tuple(out.shape)}; capture + comb + eliminate took {seconds:.2f} s")
+    print(f"  slim output {tuple(out.shape)}; capture, comb, score, solve and eliminate took {seconds:.2f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:

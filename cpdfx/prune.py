@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch.fx as fx
@@ -10,7 +11,7 @@ from passes import comb as comb_pass
 from passes import eliminate
 
 from .capture import capture
-from .cost import CostModel
+from .cost import Cost, CostModel
 from .importance import normalise, resolve
 
 REPORT = "cpdfx_report"
@@ -20,12 +21,14 @@ class BudgetError(ValueError):
     """The budget asked for cannot be met."""
 
 
-def _check_ratio(name, value):
-    if value is None:
-        return
-    if not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise BudgetError(f"{name}={value!r}: a budget is the share of the original to keep, "
-                          f"a number in (0, 1], e.g. {name}=0.5 for half")
+def check_budget(macs, params) -> None:
+    """A budget is one or two shares of the original, each in (0, 1]."""
+    if macs is None and params is None:
+        raise BudgetError("give a budget: macs=, params= or both (shares of the original, in (0, 1])")
+    for name, value in (("macs", macs), ("params", params)):
+        if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
+            raise BudgetError(f"{name}={value!r}: a budget is the share of the original to keep, "
+                              f"a number in (0, 1], e.g. {name}=0.5 for half")
 
 
 def _ignored(group, ignore) -> bool:
@@ -89,6 +92,31 @@ def solve(cost_model: CostModel, scores: dict, sizes: dict, *, macs=None, params
     return counts
 
 
+@dataclass
+class Plan:
+    """What to keep: indices per group, and the cost before and after."""
+    keep: dict
+    before: Cost
+    after: Cost
+    groups_prunable: int
+
+
+def plan(gm: fx.GraphModule, groups, example_inputs=None, *, macs=None, params=None,
+         importance="l2", ignore=(), round_to: int = 1, min_keep: int = 1) -> Plan:
+    """Score the prunable groups of a captured graph and pick the channels to
+    keep so that the budget holds (see `prune` for the arguments)."""
+    check_budget(macs, params)
+    score_fn = resolve(importance)
+    candidates = [g for g in groups.prunable if not _ignored(g, ignore)]
+    raw = score_fn(gm, groups)
+    scores = normalise({g.id: raw[g.id] for g in candidates})
+    cost_model = CostModel(gm, groups, example_inputs)
+    sizes = {g.id: g.size for g in candidates}
+    counts = solve(cost_model, scores, sizes, macs=macs, params=params, round_to=round_to,
+                   min_keep=min_keep)
+    return Plan(strongest(scores, counts, sizes), cost_model(), cost_model(counts), len(candidates))
+
+
 def prune(model, example_inputs, *, macs=None, params=None, importance="l2", ignore=(),
           round_to: int = 1, min_keep: int = 1) -> fx.GraphModule:
     """Prune model globally until it has at most `macs` and `params` (shares of
@@ -99,26 +127,17 @@ def prune(model, example_inputs, *, macs=None, params=None, importance="l2", ign
     round_to: every pruned channel count a multiple of this (or the full size).
     slim.meta["cpdfx_kept"] maps parameter names to {dim: kept indices};
     slim.meta["cpdfx_report"] holds the cost before and after."""
-    if macs is None and params is None:
-        raise BudgetError("give a budget: macs=, params= or both (shares of the original, in (0, 1])")
-    _check_ratio("macs", macs)
-    _check_ratio("params", params)
-    score_fn = resolve(importance)
+    check_budget(macs, params)  # before the slow capture
+    resolve(importance)
     gm = capture(model, example_inputs)
     groups = comb_pass(gm)
-    candidates = [g for g in groups.prunable if not _ignored(g, ignore)]
-    raw = score_fn(gm, groups)
-    scores = normalise({g.id: raw[g.id] for g in candidates})
-    cost_model = CostModel(gm, groups, example_inputs)
-    sizes = {g.id: g.size for g in candidates}
-    counts = solve(cost_model, scores, sizes, macs=macs, params=params, round_to=round_to,
-                   min_keep=min_keep)
-    keep = strongest(scores, counts, sizes)
-    slim = eliminate(gm, groups, keep)
-    before, after = cost_model(), cost_model(counts)
+    chosen = plan(gm, groups, example_inputs, macs=macs, params=params, importance=importance,
+                  ignore=ignore, round_to=round_to, min_keep=min_keep)
+    slim = eliminate(gm, groups, chosen.keep)
     slim.meta[REPORT] = {
         "target": {"macs": macs, "params": params},
-        "macs": [before.macs, after.macs], "params": [before.params, after.params],
-        "groups_pruned": len(keep), "groups_prunable": len(candidates),
+        "macs": [chosen.before.macs, chosen.after.macs],
+        "params": [chosen.before.params, chosen.after.params],
+        "groups_pruned": len(chosen.keep), "groups_prunable": chosen.groups_prunable,
     }
     return slim
