@@ -9,7 +9,9 @@ setup(
     packages=["cpdfx", "passes"],
     python_requires=">=3.10",
     # torch is pinned in constraints.txt (the CPU wheel); see README
-    install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "sympy", "tqdm"],
-    extras_require={"test": ["pytest", "hypothesis", "transformers>=5"]},
+    install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "sympy", "tqdm", "pillow",
+                      "scikit-learn", "matplotlib"],
+    extras_require={"test": ["pytest", "hypothesis", "transformers>=5"],
+                    "bench": ["transformers>=5", "torch-pruning"]},
     entry_points={"console_scripts": ["cpdfx=cpdfx.cli:main"]},
 )
