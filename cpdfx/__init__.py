@@ -6,9 +6,13 @@ from passes import comb, eliminate, set_mode
 
 from .capture import CaptureError, capture
 from .cost import Cost, cost
-from .prune import BudgetError, prune
+from .importance import CRITERIA, Criterion
+from .prune import BudgetError, Constraints, prune
+from .pruner import Pruner, slice_optimizer
+from .report import format_report
 
 __version__ = "0.1.0"
 
-__all__ = ["BudgetError", "CaptureError", "Cost", "capture", "comb", "cost", "eliminate", "prune",
-           "set_mode"]
+__all__ = ["BudgetError", "CRITERIA", "CaptureError", "Constraints", "Cost", "Criterion", "Pruner",
+           "capture", "comb", "cost", "eliminate", "format_report", "prune", "set_mode",
+           "slice_optimizer"]

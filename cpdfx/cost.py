@@ -133,31 +133,42 @@ def cost(model, example_inputs=None) -> Cost:
 
 
 class CostModel:
-    """The cost of a graph as a function of its groups' sizes (via a comb)."""
+    """The cost of a graph as a function of its groups' sizes (via a comb).
+
+    Each MAC term and parameter is a product of spaces; the factors no
+    prunable group reaches (spatial, batch, frozen dims) are multiplied out
+    once here, so a call only walks the spaces a pruner can change."""
 
     def __init__(self, gm: fx.GraphModule, comb, example_inputs=None):
         self.spaces = comb.spaces
         self.values = batch_values(gm, example_inputs)
+        prunable = {g.id for g in comb.prunable}
         dims = comb.node_dims
-        self.terms = [[dims[n.name][d] for n, d in term] for term in mac_terms(gm)]
+
+        def split(spaces):
+            fixed, free = 1, []
+            for s in spaces:
+                if prunable.isdisjoint(self.spaces.atoms(s)):
+                    fixed *= concrete(self.spaces.new_size(s, {}), self.values)
+                else:
+                    free.append(s)
+            return fixed, free
+
+        self.terms = [split([dims[n.name][d] for n, d in term]) for term in mac_terms(gm)]
         names = dict(gm.named_parameters())
-        self.params = [comb.param_dims[name] for name in names if name in comb.param_dims]
+        self.params = [split(comb.param_dims[name]) for name in names if name in comb.param_dims]
         self.fixed_params = sum(p.numel() for name, p in names.items() if name not in comb.param_dims)
 
     def __call__(self, sizes: dict | None = None) -> Cost:
         sizes = sizes or {}
         cache = {}
 
-        def size(space):
-            if space not in cache:
-                cache[space] = concrete(self.spaces.new_size(space, sizes), self.values)
-            return cache[space]
+        def product(fixed, free):
+            for s in free:
+                if s not in cache:
+                    cache[s] = concrete(self.spaces.new_size(s, sizes), self.values)
+                fixed *= cache[s]
+            return fixed
 
-        def product(spaces):
-            p = 1
-            for s in spaces:
-                p *= size(s)
-            return p
-
-        return Cost(sum(product(t) for t in self.terms),
-                    self.fixed_params + sum(product(p) for p in self.params))
+        return Cost(sum(product(*t) for t in self.terms),
+                    self.fixed_params + sum(product(*p) for p in self.params))

@@ -1,8 +1,13 @@
-"""One-shot global pruning to a MACs or parameter budget."""
+"""Global pruning to a MACs, parameter or latency budget.
+
+capture -> comb -> score (a criterion, see importance.py) -> solve (the budget)
+-> eliminate. `prune` does it in one shot; `Pruner` (pruner.py) in steps while
+a model trains.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch.fx as fx
@@ -10,9 +15,10 @@ import torch.fx as fx
 from passes import comb as comb_pass
 from passes import eliminate
 
-from .capture import capture
+from .capture import as_tuple, capture
 from .cost import Cost, CostModel
-from .importance import normalise, resolve
+from .importance import Criterion, calibrate, normalise, resolve
+from .report import build_report
 
 REPORT = "cpdfx_report"
 
@@ -21,32 +27,78 @@ class BudgetError(ValueError):
     """The budget asked for cannot be met."""
 
 
-def check_budget(macs, params) -> None:
-    """A budget is one or two shares of the original, each in (0, 1]."""
-    if macs is None and params is None:
-        raise BudgetError("give a budget: macs=, params= or both (shares of the original, in (0, 1])")
-    for name, value in (("macs", macs), ("params", params)):
-        if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
+def check_budget(macs=None, params=None, latency=None) -> None:
+    """A budget is one to three shares of the original, each in (0, 1]."""
+    if macs is None and params is None and latency is None:
+        raise BudgetError("give a budget: macs=, params= or latency= (shares of the original, in (0, 1])")
+    for name, value in (("macs", macs), ("params", params), ("latency", latency)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value <= 1):
             raise BudgetError(f"{name}={value!r}: a budget is the share of the original to keep, "
                               f"a number in (0, 1], e.g. {name}=0.5 for half")
 
 
-def _ignored(group, ignore) -> bool:
-    return any(name == i or name.startswith(i + ".") for name, _ in group.params for i in ignore)
+@dataclass
+class Constraints:
+    """What the solver may do to each group, beyond the budget.
+
+    ignore: module or parameter names whose channels are all kept;
+    overrides: {module or parameter name: share of channels to keep} for the
+        groups those layers touch, taken out of the global ranking;
+    min_keep: channels every group keeps at least: an int, or a share in (0, 1);
+    round_to: every pruned channel count a multiple of this (or the full size)."""
+    ignore: tuple = ()
+    overrides: dict = field(default_factory=dict)
+    min_keep: int | float = 1
+    round_to: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.ignore, str):
+            self.ignore = (self.ignore,)
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise BudgetError(f"round_to={self.round_to!r}: give a positive int, e.g. 8")
+        if not (isinstance(self.min_keep, int) and self.min_keep >= 1 or
+                isinstance(self.min_keep, float) and 0 < self.min_keep < 1):
+            raise BudgetError(f"min_keep={self.min_keep!r}: give a channel count >= 1 or a share in (0, 1)")
+        for name, share in self.overrides.items():
+            if not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise BudgetError(f"overrides[{name!r}]={share!r}: give the share of channels to keep, in (0, 1]")
+
+    def floor(self, size: int) -> int:
+        n = self.min_keep if isinstance(self.min_keep, int) else math.ceil(self.min_keep * size)
+        return min(size, n)
+
+    def rounded(self, n: int, size: int) -> int:
+        r = self.round_to
+        return min(size, math.ceil(n / r) * r) if r > 1 else n
+
+    def shrunk(self, n: int, size: int) -> int | None:
+        """The next allowed count below n, or None when n is the minimum."""
+        m = n - 1 if self.round_to == 1 else (n - 1) // self.round_to * self.round_to
+        return m if m >= self.rounded(self.floor(size), size) else None
+
+    def split(self, groups) -> tuple[list, dict]:
+        """The groups the global ranking decides, and the fixed counts of overridden ones."""
+        free, fixed = [], {}
+        for g in groups:
+            if _touches(g, self.ignore):
+                continue
+            shares = [s for name, s in self.overrides.items() if _touches(g, (name,))]
+            if shares:
+                fixed[g.id] = self.rounded(max(self.floor(g.size), math.ceil(max(shares) * g.size)), g.size)
+            else:
+                free.append(g)
+        return free, fixed
 
 
-def keep_counts(scores: dict, sizes: dict, threshold: float, round_to: int, min_keep: int) -> dict:
-    """Per group, how many channels have a normalised score above threshold (at
-    least min_keep, and a multiple of round_to unless that is the whole group)."""
-    counts = {}
-    for gid, s in scores.items():
-        n = max(int((s > threshold).sum()), min(min_keep, sizes[gid]))
-        counts[gid] = _round_up(n, round_to, sizes[gid])
-    return counts
+def _touches(group, names) -> bool:
+    return any(p == n or p.startswith(n + ".") for p, _ in group.params for n in names)
 
 
-def _round_up(n, round_to, size):
-    return min(size, math.ceil(n / round_to) * round_to) if round_to > 1 else n
+def keep_counts(scores: dict, sizes: dict, threshold: float, rules: Constraints) -> dict:
+    """Per group, how many channels score above threshold (within the constraints)."""
+    return {g: rules.rounded(max(int((s > threshold).sum()), rules.floor(sizes[g])), sizes[g])
+            for g, s in scores.items()}
 
 
 def strongest(scores: dict, counts: dict, sizes: dict) -> dict:
@@ -54,90 +106,220 @@ def strongest(scores: dict, counts: dict, sizes: dict) -> dict:
     return {g: np.sort(np.argsort(-scores[g], kind="stable")[:n]) for g, n in counts.items() if n < sizes[g]}
 
 
-def solve(cost_model: CostModel, scores: dict, sizes: dict, *, macs=None, params=None,
-          round_to: int = 1, min_keep: int = 1, refill: int = 512) -> dict:
-    """Kept channel counts per group: the lowest global threshold on normalised
-    scores that meets every target, then the strongest pruned channels put back
-    one at a time while the targets still hold (up to `refill` tries), so the
-    result lands close under the budget, not a whole channel step below it."""
-    base = cost_model()
-    limits = {"macs": None if macs is None else macs * base.macs,
-              "params": None if params is None else params * base.params}
+def solve(budget, scores: dict, sizes: dict, rules: Constraints, fixed: dict | None = None) -> dict:
+    """Kept channel counts per group: the lowest global threshold on the
+    normalised scores whose counts fit the budget; then the strongest pruned
+    channels put back one (or one round_to step) at a time while it still
+    fits, so the result lands just under the budget, not a whole step below;
+    then, where groups are coarse, trades of one step for others (`_trade`).
+
+    budget(counts) -> bool says whether a size assignment fits (see Budget)."""
+    fixed = fixed or {}
 
     def fits(counts):
-        c = cost_model(counts)
-        return all(limit is None or getattr(c, k) <= limit for k, limit in limits.items())
+        return budget({**counts, **fixed})
 
     thresholds = np.unique(np.concatenate([s for s in scores.values()] + [np.array([-np.inf])]))
-    if not fits(keep_counts(scores, sizes, thresholds[-1], round_to, min_keep)):
-        smallest = cost_model({g: min(min_keep, n) for g, n in sizes.items()})
-        raise BudgetError(
-            f"cannot reach macs={macs}, params={params}: pruning every prunable group to "
-            f"{min_keep} channel(s) leaves {smallest.macs / base.macs:.1%} of the MACs and "
-            f"{smallest.params / base.params:.1%} of the parameters")
+    if not fits(keep_counts(scores, sizes, thresholds[-1], rules)):
+        smallest = {**keep_counts(scores, sizes, thresholds[-1], rules), **fixed}
+        raise BudgetError(f"cannot reach {budget}: pruning every prunable group to its minimum "
+                          f"(min_keep={rules.min_keep}, round_to={rules.round_to}) leaves "
+                          f"{budget.shares(smallest)}; ask for a larger share, or lower min_keep / round_to")
     lo, hi = 0, len(thresholds) - 1  # the highest threshold fits
     while lo < hi:
         mid = (lo + hi) // 2
-        if fits(keep_counts(scores, sizes, thresholds[mid], round_to, min_keep)):
+        if fits(keep_counts(scores, sizes, thresholds[mid], rules)):
             hi = mid
         else:
             lo = mid + 1
-    counts = keep_counts(scores, sizes, thresholds[hi], round_to, min_keep)
-    pruned = sorted(((s[i], g) for g, s in scores.items()
-                     for i in np.argsort(-s, kind="stable")[counts[g]:]), reverse=True)
-    for _, g in pruned[:refill]:
-        grown = {**counts, g: _round_up(counts[g] + 1, round_to, sizes[g])}
-        if grown[g] > counts[g] and fits(grown):
+    ranked = {g: np.sort(s)[::-1] for g, s in scores.items()}
+    counts = _fill(keep_counts(scores, sizes, thresholds[hi], rules), ranked, sizes, rules, fits)
+    counts = _trade(counts, ranked, sizes, rules, fits, lambda c: budget.used({**c, **fixed}))
+    return {**counts, **fixed}
+
+
+def _fill(counts, ranked, sizes, rules, fits, hold=()) -> dict:
+    """Grow, a step at a time, the group whose next channel scores highest
+    among those whose growth still fits (costs only rise, so a group that does
+    not fit once never will)."""
+    counts, blocked = dict(counts), set(hold)
+    while True:
+        open_ = [(ranked[g][n], g) for g, n in counts.items() if n < sizes[g] and g not in blocked]
+        if not open_:
+            return counts
+        g = max(open_)[1]
+        grown = {**counts, g: rules.rounded(counts[g] + 1, sizes[g])}
+        if fits(grown):
             counts = grown
+        else:
+            blocked.add(g)
+
+
+def _trade(counts, ranked, sizes, rules, fits, used, rounds=3, depth=4, close=0.99) -> dict:
+    """Coarse groups (grouped convs, attention heads, round_to) can leave the
+    result well under the budget: give up a few steps of a group, fill the room
+    with the others, and keep the trade that uses the budget best; until the
+    result is `close` to the budget."""
+    for _ in range(rounds):
+        best, best_used = counts, used(counts)
+        if best_used >= close:
+            return counts
+        for g, n in counts.items():
+            for _ in range(depth):  # one to `depth` steps of g
+                n = rules.shrunk(n, sizes[g])
+                if n is None:
+                    break
+                trial = _fill({**counts, g: n}, ranked, sizes, rules, fits, hold=(g,))
+                if used(trial) > best_used + 1e-12:
+                    best, best_used = trial, used(trial)
+        if best is counts:
+            return counts
+        counts = best
     return counts
 
 
 @dataclass
+class Target:
+    """A budget as absolute limits on a cost model's metrics."""
+    macs: float | None = None
+    params: float | None = None
+    latency: float | None = None
+
+    def limits(self, base: Cost, base_latency: float | None = None) -> dict:
+        out = {}
+        if self.macs is not None:
+            out["macs"] = self.macs * base.macs
+        if self.params is not None:
+            out["params"] = self.params * base.params
+        if self.latency is not None:
+            out["latency"] = self.latency * base_latency
+        return out
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("macs", self.macs), ("params", self.params), ("latency", self.latency))
+                if v is not None}
+
+
+@dataclass
 class Plan:
-    """What to keep: indices per group, and the cost before and after."""
+    """What to keep: indices per group, the scores behind it, the cost before and after."""
     keep: dict
+    counts: dict
+    scores: dict
     before: Cost
     after: Cost
     groups_prunable: int
 
 
-def plan(gm: fx.GraphModule, groups, example_inputs=None, *, macs=None, params=None,
-         importance="l2", ignore=(), round_to: int = 1, min_keep: int = 1) -> Plan:
+def unit_costs(cost_model: CostModel, groups, target: Target) -> dict:
+    """Per group, the share of the budgeted metrics one channel carries (at full size)."""
+    base = cost_model()
+    metrics = [m for m in ("macs", "params") if getattr(target, m) is not None] or ["macs"]
+    out = {}
+    for g in groups:
+        smaller = cost_model({g.id: g.size - 1})
+        out[g.id] = sum((getattr(base, m) - getattr(smaller, m)) / max(getattr(base, m), 1) for m in metrics)
+    return out
+
+
+def score(criterion: Criterion, gm, groups, example_inputs, calibration=None, loss_fn=None) -> dict:
+    """Raw scores of the prunable groups; gradient criteria first run the
+    calibration batches (or the example inputs) through forward and backward."""
+    if criterion.needs_gradients and calibration is not False:
+        n_inputs = len(as_tuple(example_inputs))
+        calibrate(criterion, gm, groups, calibration if calibration is not None else [as_tuple(example_inputs)],
+                  n_inputs, loss_fn)
+    return criterion.scores(gm, groups)
+
+
+def plan(gm: fx.GraphModule, groups, example_inputs=None, *, macs=None, params=None, latency=None,
+         importance="l2", calibration=None, loss_fn=None, rules: Constraints | None = None,
+         latency_model=None, scores: dict | None = None) -> Plan:
     """Score the prunable groups of a captured graph and pick the channels to
-    keep so that the budget holds (see `prune` for the arguments)."""
-    check_budget(macs, params)
-    score_fn = resolve(importance)
-    candidates = [g for g in groups.prunable if not _ignored(g, ignore)]
-    raw = score_fn(gm, groups)
-    scores = normalise({g.id: raw[g.id] for g in candidates})
+    keep so that the budget holds (see `prune` for the arguments). `scores`,
+    when given, are raw scores already computed (the step-wise pruner's)."""
+    check_budget(macs, params, latency)
+    rules = rules or Constraints()
+    criterion = resolve(importance)
+    target = Target(macs, params, latency)
+    free, fixed = rules.split(groups.prunable)
+    raw = scores if scores is not None else score(criterion, gm, groups, example_inputs, calibration, loss_fn)
     cost_model = CostModel(gm, groups, example_inputs)
-    sizes = {g.id: g.size for g in candidates}
-    counts = solve(cost_model, scores, sizes, macs=macs, params=params, round_to=round_to,
-                   min_keep=min_keep)
-    return Plan(strongest(scores, counts, sizes), cost_model(), cost_model(counts), len(candidates))
+    normalised = normalise({g.id: raw[g.id] for g in free}, criterion.normalisation,
+                           unit_costs(cost_model, free, target) if criterion.normalisation == "cost" else None)
+    budget = Budget(cost_model, target, latency_model)
+    counts = solve(budget, normalised, {g.id: g.size for g in free}, rules, fixed)
+    sizes = {g.id: g.size for g in groups.prunable}
+    keep = strongest({**normalised, **{g: _fixed_scores(raw, g, sizes) for g in fixed}}, counts, sizes)
+    return Plan(keep, counts, normalised, cost_model(), cost_model(counts), len(free) + len(fixed))
 
 
-def prune(model, example_inputs, *, macs=None, params=None, importance="l2", ignore=(),
-          round_to: int = 1, min_keep: int = 1) -> fx.GraphModule:
-    """Prune model globally until it has at most `macs` and `params` (shares of
-    the original) and return the slim GraphModule.
+def _fixed_scores(raw, gid, sizes):
+    return np.asarray(raw.get(gid, np.zeros(sizes[gid])), dtype=np.float64)
 
-    importance: "l1", "l2", "random" or a callable (gm, comb) -> {group: scores};
-    ignore: module or parameter names whose channels are all kept;
-    round_to: every pruned channel count a multiple of this (or the full size).
+
+class Budget:
+    """Whether a size assignment fits the target: MACs and params from the
+    cost model, latency from a latency model (see latency.py)."""
+
+    def __init__(self, cost_model: CostModel, target: Target, latency_model=None):
+        if target.latency is not None and latency_model is None:
+            raise BudgetError("a latency budget needs a latency model (cpdfx.prune builds one)")
+        self.cost_model, self.latency_model, self.target = cost_model, latency_model, target
+        base = cost_model()
+        self.base = {"macs": base.macs, "params": base.params,
+                     "latency": latency_model() if target.latency is not None else None}
+        self.limits = target.limits(base, self.base["latency"])
+
+    def values(self, counts: dict) -> dict:
+        cost = self.cost_model(counts)
+        return {m: self.latency_model(counts) if m == "latency" else getattr(cost, m) for m in self.limits}
+
+    def __call__(self, counts: dict) -> bool:
+        return all(v <= self.limits[m] for m, v in self.values(counts).items())
+
+    def used(self, counts: dict) -> float:
+        """How much of the budget counts use: value / limit of the tightest metric."""
+        return max(v / self.limits[m] for m, v in self.values(counts).items())
+
+    def shares(self, counts: dict) -> str:
+        """The cost of counts as shares of the original, e.g. '12.0% of the macs'."""
+        return " and ".join(f"{v / self.base[m]:.1%} of the {m}" for m, v in self.values(counts).items())
+
+    def __str__(self):
+        return ", ".join(f"{m}={share:g}" for m, share in self.target.as_dict().items())
+
+
+def prune(model, example_inputs, *, macs=None, params=None, latency=None, importance="l2",
+          calibration=None, loss_fn=None, ignore=(), overrides=None, min_keep=1, round_to: int = 1,
+          latency_options: dict | None = None) -> fx.GraphModule:
+    """Prune model globally until it has at most `macs`, `params` and
+    `latency` (shares of the original) and return the slim GraphModule.
+
+    importance: "l1", "l2", "fisher", "taylor", "bn_scale", "random", a
+        Criterion, or a callable (gm, comb) -> {group id: scores};
+    calibration: for gradient criteria, an iterable of input tuples, each
+        optionally followed by a target (default: the example inputs, once);
+    loss_fn: (output, target or None) -> loss; default cross-entropy against the
+        target, or the model's own predictions when there is none;
+    ignore, overrides, min_keep, round_to: see `Constraints`;
+    latency: measured with onnxruntime on this machine (see latency.py;
+        latency_options are passed to `LatencyModel`).
     slim.meta["cpdfx_kept"] maps parameter names to {dim: kept indices};
-    slim.meta["cpdfx_report"] holds the cost before and after."""
-    check_budget(macs, params)  # before the slow capture
-    resolve(importance)
+    slim.meta["cpdfx_report"] is the pruning report (see report.py)."""
+    check_budget(macs, params, latency)  # before the slow capture
+    rules = Constraints(tuple(ignore), dict(overrides or {}), min_keep, round_to)
+    criterion = resolve(importance)
     gm = capture(model, example_inputs)
     groups = comb_pass(gm)
-    chosen = plan(gm, groups, example_inputs, macs=macs, params=params, importance=importance,
-                  ignore=ignore, round_to=round_to, min_keep=min_keep)
+    latency_model = None
+    if latency is not None:
+        from .latency import LatencyModel
+        latency_model = LatencyModel(gm, groups, example_inputs, **(latency_options or {}))
+    chosen = plan(gm, groups, example_inputs, macs=macs, params=params, latency=latency,
+                  importance=criterion, calibration=calibration, loss_fn=loss_fn, rules=rules,
+                  latency_model=latency_model)
     slim = eliminate(gm, groups, chosen.keep)
-    slim.meta[REPORT] = {
-        "target": {"macs": macs, "params": params},
-        "macs": [chosen.before.macs, chosen.after.macs],
-        "params": [chosen.before.params, chosen.after.params],
-        "groups_pruned": len(chosen.keep), "groups_prunable": chosen.groups_prunable,
-    }
+    slim.meta[REPORT] = build_report(gm, slim, groups, chosen, criterion, Target(macs, params, latency),
+                                     example_inputs, latency_model)
     return slim

@@ -1,0 +1,143 @@
+"""Step-wise pruning inside a training loop (the CPD schedule).
+
+    pruner = cpdfx.Pruner(model, x, "fisher", macs=0.5, steps=5)
+    gm = pruner.gm.train()
+    opt = torch.optim.AdamW(gm.parameters())
+    for i, (x, y) in enumerate(loader):
+        loss(gm(x), y).backward()
+        pruner.accumulate()           # gradient criteria read the gradients here
+        opt.step(); opt.zero_grad()
+        if i % 100 == 99 and not pruner.done:
+            gm = pruner.step(opt)     # smaller graph; opt now holds its sliced parameters
+
+Each step prunes to the next point of the schedule (a share of the
+original's cost), scored by what the criterion accumulated since the last
+step, and slices the optimizer state (Adam moments, momentum) the same way
+the parameters were sliced, so training goes on without a restart.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes import comb as comb_pass
+from passes import eliminate, kept_indices
+
+from .capture import capture
+from .cost import CostModel
+from .importance import resolve
+from .prune import REPORT, Constraints, Target, check_budget, plan, score
+from .report import build_report
+
+SCHEDULES = ("geometric", "linear")
+
+
+def schedule(target: float, steps: int, kind: str = "geometric") -> list[float]:
+    """The share of the original cost to keep after each step, ending at target.
+    geometric removes the same fraction of what is left at every step; linear
+    the same fraction of the original."""
+    if kind == "geometric":
+        return [target ** ((k + 1) / steps) for k in range(steps)]
+    if kind == "linear":
+        return [1 - (1 - target) * (k + 1) / steps for k in range(steps)]
+    raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+class Pruner:
+    """Prunes a model to a budget in `steps` steps (see the module docstring).
+
+    model_or_gm: a module (captured here) or a cpdfx GraphModule;
+    importance, calibration, loss_fn, ignore, overrides, min_keep, round_to: as
+        for cpdfx.prune; gradient criteria score from the batches seen through
+        `accumulate()` since the last step, or from `calibration` when none were.
+    """
+
+    def __init__(self, model_or_gm, example_inputs, importance="fisher", *, macs=None, params=None,
+                 steps: int = 5, schedule: str = "geometric", calibration=None, loss_fn=None,
+                 ignore=(), overrides=None, min_keep=1, round_to: int = 1):
+        check_budget(macs, params)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r}: give a positive number of pruning steps")
+        self.targets = [(m, p) for m, p in zip(_shares(macs, steps, schedule), _shares(params, steps, schedule))]
+        self.rules = Constraints(tuple(ignore), dict(overrides or {}), min_keep, round_to)
+        self.criterion = resolve(importance)
+        self.example_inputs, self.calibration, self.loss_fn = example_inputs, calibration, loss_fn
+        self.target = Target(macs, params)
+        self.original = self.gm = capture(model_or_gm, example_inputs)
+        self.comb = comb_pass(self.gm)
+        self.base = CostModel(self.gm, self.comb, example_inputs)()
+        self.steps_done = 0
+        self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= len(self.targets)
+
+    def accumulate(self, gm: fx.GraphModule | None = None) -> None:
+        """Read the gradients of the last backward pass (gradient criteria);
+        call after loss.backward() on the current graph (or its DDP module)."""
+        if self.criterion.needs_gradients:
+            self.criterion.accumulate(gm if gm is not None else self.gm, self.comb)
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> fx.GraphModule:
+        """Prune to the next point of the schedule and return the new graph;
+        the optimizer's parameters and state are replaced by sliced ones."""
+        if self.done:
+            return self.gm
+        macs, params = self.targets[self.steps_done]
+        current = CostModel(self.gm, self.comb, self.example_inputs)()
+        shares = {"macs": _relative(macs, self.base.macs, current.macs),
+                  "params": _relative(params, self.base.params, current.params)}
+        seen = not self.criterion.needs_gradients or self.criterion.batches > 0
+        scores = (self.criterion.scores(self.gm, self.comb) if seen else
+                  score(self.criterion, self.gm, self.comb, self.example_inputs, self.calibration, self.loss_fn))
+        chosen = plan(self.gm, self.comb, self.example_inputs, **shares, importance=self.criterion,
+                      rules=self.rules, scores=scores)
+        slim = eliminate(self.gm, self.comb, chosen.keep)
+        if optimizer is not None:
+            slice_optimizer(optimizer, self.gm, slim, kept_indices(self.comb, chosen.keep))
+        self.history.append({"step": self.steps_done + 1, "macs": chosen.after.macs / self.base.macs,
+                             "params": chosen.after.params / self.base.params})
+        slim.meta[REPORT] = build_report(self.original, slim, self.comb, chosen, self.criterion,
+                                         self.target, self.example_inputs)
+        slim.meta[REPORT]["steps"] = list(self.history)
+        self.gm, self.comb = slim, comb_pass(slim)
+        self.criterion.reset()
+        self.steps_done += 1
+        return slim
+
+
+def _shares(target, steps, kind):
+    return schedule(target, steps, kind) if target is not None else [None] * steps
+
+
+def _relative(share, base, current):
+    """A share of the original as a share of the current graph (at most 1)."""
+    return None if share is None else min(1.0, share * base / current)
+
+
+def slice_optimizer(optimizer: torch.optim.Optimizer, old: torch.nn.Module, new: torch.nn.Module,
+                    kept: dict) -> None:
+    """Point the optimizer at new's parameters, slicing every per-element state
+    tensor (Adam moments, momentum buffers) exactly as the parameter was."""
+    old_params = dict(old.named_parameters())
+    by_id = {id(p): name for name, p in old_params.items()}
+    new_params = dict(new.named_parameters())
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            name = by_id.get(id(p))
+            if name is None or name not in new_params:
+                continue
+            q = new_params[name]
+            state = optimizer.state.pop(p, None)
+            if state is not None:
+                optimizer.state[q] = {k: _slice_like(v, p, kept.get(name, {})) for k, v in state.items()}
+            group["params"][i] = q
+
+
+def _slice_like(value, param, dims):
+    if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return value  # step counters and other scalars
+    for d, idx in dims.items():
+        value = value.index_select(d, torch.as_tensor(idx, device=value.device))
+    return value.clone()

@@ -1,0 +1,90 @@
+"""The pruning report: what went, per layer and per group, and what it cost.
+
+A plain, JSON-serialisable dict (it travels in `slim.meta["cpdfx_report"]`,
+into ONNX metadata and saved models); `format_report` prints it as tables.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+
+def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=None,
+                 latency_model=None) -> dict:
+    """The report of pruning `gm` into `slim`; `chosen` is the plan (prune.Plan)
+    that was made on `groups` (the comb of the graph it was applied to)."""
+    from .cost import cost
+
+    before = cost(gm, example_inputs)
+    after = cost(slim, example_inputs)
+    report = {
+        "criterion": str(criterion),
+        "target": target.as_dict(),
+        "achieved": {"macs": after.macs / before.macs, "params": after.params / before.params},
+        "macs": [before.macs, after.macs],
+        "params": [before.params, after.params],
+        "groups_pruned": len(chosen.keep),
+        "groups_prunable": chosen.groups_prunable,
+        "layers": _layers(gm, slim),
+        "groups": _groups(groups, chosen),
+    }
+    if latency_model is not None:
+        report["achieved"]["latency_estimate"] = latency_model(chosen.counts) / latency_model()
+    return report
+
+
+def _layers(gm, slim) -> list:
+    """Every parameter (but biases) whose shape changed: name, shape before and after."""
+    new = dict(slim.named_parameters())
+    rows = []
+    for name, p in gm.named_parameters():
+        if name.endswith("bias") or name not in new or tuple(new[name].shape) == tuple(p.shape):
+            continue
+        rows.append({"name": name, "before": list(p.shape), "after": list(new[name].shape)})
+    return rows
+
+
+def _groups(groups, chosen) -> list:
+    rows = []
+    for g in groups.prunable:
+        kept = chosen.counts.get(g.id, g.size)
+        s = chosen.scores.get(g.id)
+        row = {"id": g.id, "size": [g.size, kept], "layers": g.layers[:3] + (["..."] if len(g.layers) > 3 else [])}
+        if s is not None and kept < g.size:
+            order = np.argsort(-s, kind="stable")
+            row["score_kept"] = float(np.mean(s[order[:kept]]))
+            row["score_pruned"] = float(np.mean(s[order[kept:]]))
+        rows.append(row)
+    return rows
+
+
+def _table(header, rows) -> str:
+    rows = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def format_report(report: dict) -> str:
+    """The report as readable tables: totals, layers, groups."""
+    (m0, m1), (p0, p1) = report["macs"], report["params"]
+    target = ", ".join(f"{k} {v:.0%}" for k, v in report["target"].items())
+    achieved = ", ".join(f"{k} {v:.1%}" for k, v in report["achieved"].items())
+    lines = [f"criterion {report['criterion']}; target {target}; achieved {achieved}",
+             f"MACs   {m0 / 1e6:,.2f} M -> {m1 / 1e6:,.2f} M",
+             f"params {p0 / 1e6:,.3f} M -> {p1 / 1e6:,.3f} M",
+             f"groups pruned {report['groups_pruned']} of {report['groups_prunable']}", ""]
+    lines.append(_table(["layer", "before", "after"],
+                        [[r["name"], "x".join(map(str, r["before"])), "x".join(map(str, r["after"]))]
+                         for r in report["layers"]]))
+    lines.append("")
+    lines.append(_table(["group", "channels", "mean score kept / pruned", "layers"],
+                        [[g["id"], f"{g['size'][0]} -> {g['size'][1]}",
+                          f"{g['score_kept']:.3g} / {g['score_pruned']:.3g}" if "score_kept" in g else "-",
+                          ", ".join(g["layers"])] for g in report["groups"]]))
+    return "\n".join(lines)
+
+
+def save_report(report: dict, path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
