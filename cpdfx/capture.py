@@ -1,10 +1,12 @@
 """Capture a model as a torch.fx graph through torch.export."""
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
 import torch.fx as fx
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils import _pytree as pytree
 
 from passes.mode import CAPTURED_TRAINING, set_mode
@@ -31,7 +33,9 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool = True) 
     dynamic_batch=False); the outputs keep the model's own structure (tensor,
     tuple, dict, transformers ModelOutput); the graph behaves in the mode the
     model was in, and `.train()` / `.eval()` on the result switch it
-    (passes.set_mode). Raises CaptureError when torch.export cannot trace it."""
+    (passes.set_mode). The graph owns a copy of the parameters: training it
+    leaves the model as it was. Raises CaptureError when torch.export cannot
+    trace it."""
     if is_captured(model):
         return model
     if not isinstance(model, torch.nn.Module):
@@ -43,7 +47,9 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool = True) 
         program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     except Exception as err:  # torch.export raises many kinds; all mean "not capturable"
         raise CaptureError(_explain(model, err, dynamic_batch)) from err
-    gm = program.module()
+    # ep.module() shares the model's tensors: training the graph would train the
+    # model too (and a teacher distilling it); the graph gets its own copy.
+    gm = copy.deepcopy(program.module())
     _install_mode_switch(gm, model.training)
     gm.meta[CAPTURED] = True
     return gm
@@ -63,10 +69,13 @@ def _batch_dynamic(args):
 
 
 def _install_mode_switch(gm: fx.GraphModule, training: bool) -> None:
-    """ep.module() refuses train()/eval(); make both switch the graph instead."""
+    """ep.module() refuses train()/eval(); make both switch the graph instead.
+    Kept as a user-preserved attribute, so every deepcopy (eliminate makes one)
+    gets a switch bound to itself."""
     gm.meta[CAPTURED_TRAINING] = training
     gm.__dict__.pop("eval", None)  # nn.Module.eval calls self.train(False)
     gm.train = types.MethodType(_train, gm)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["train"] = gm.train
     torch.nn.Module.train(gm, training)
 
 

@@ -92,3 +92,20 @@ def test_slim_graph_switches_mode_too():
     with torch.no_grad():
         assert_same_outputs(slim(x), slim(x))
     assert not slim.training
+
+
+def test_slim_graph_drops_dropout_in_eval():
+    """eliminate copies the graph: the copy's train()/eval() must switch the copy."""
+    gm = cpdfx.capture(MODELS["vgg"]().train(), torch.randn(2, 3, 16, 16))
+    comb = passes.comb(gm)
+    slim = passes.eliminate(gm, comb, {g.id: np.arange(g.size // 2) for g in comb.prunable})
+    x = torch.randn(3, 3, 16, 16)
+    slim.eval()
+    with torch.no_grad():
+        assert_same_outputs(slim(x), slim(x))
+    assert gm.training  # the original was not switched
+    slim.train()
+    torch.manual_seed(1)
+    a = slim(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, slim(x))
