@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
+
+from .losses import cross_entropy, logits_of
 
 aten = torch.ops.aten
 
@@ -230,33 +231,15 @@ def normalise(scores: dict, how: str = "mean", unit_cost: dict | None = None) ->
 
 # -- gradients from calibration batches ----------------------------------------------------
 
-def logits_of(output) -> torch.Tensor:
-    """The logits of a model output: its `logits` attribute or key, else the
-    first floating tensor of its pytree (HF ModelOutput, dict, tuple, tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    for leaf in pytree.tree_leaves(output):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf
-    raise ValueError(f"cannot find logits in a model output of type {type(output).__name__}")
-
-
 def self_supervised_loss(output, target=None) -> torch.Tensor:
     """Cross-entropy against the labels when given, else against the model's
     own predictions (argmax over dim 1): no labels needed, and it works for
     classification (N, C) and segmentation (N, C, H, W) alike."""
     logits = logits_of(output).float()
-    if target is None:
-        target = logits.detach().argmax(1)
-    elif logits.dim() == 4 and target.shape[-2:] != logits.shape[-2:]:
-        logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear")
-    return torch.nn.functional.cross_entropy(logits, target.long())
+    return cross_entropy(logits, logits.detach().argmax(1) if target is None else target.long())
 
 
-def split_batch(batch, n_inputs: int):
+def calibration_item(batch, n_inputs: int):
     """A calibration item as (inputs tuple, target or None): a tensor is one
     input; a tuple/list holds the inputs, then optionally one target."""
     if isinstance(batch, torch.Tensor):
@@ -281,7 +264,7 @@ def calibrate(criterion: Criterion, gm, comb, calibration: Iterable, n_inputs: i
         p.requires_grad_(True)
     try:
         for batch in calibration:
-            inputs, target = split_batch(batch, n_inputs)
+            inputs, target = calibration_item(batch, n_inputs)
             gm.zero_grad(set_to_none=True)
             loss_fn(gm(*inputs), target).backward()
             criterion.accumulate(gm, comb)
