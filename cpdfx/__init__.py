@@ -4,15 +4,21 @@ capture -> comb -> importance -> budget -> eliminate, on torch.fx graphs from to
 """
 from passes import comb, eliminate, set_mode
 
+from .bench import BenchResult, bench
 from .capture import CaptureError, capture
 from .cost import Cost, cost
+from .data import DataError, resolve_data
+from .distill import DistillResult, distill, evaluate
+from .export import ExportError, LoadError, export_onnx, load, save
 from .importance import CRITERIA, Criterion
+from .losses import DistillLoss
 from .prune import BudgetError, Constraints, prune
 from .pruner import Pruner, slice_optimizer
 from .report import format_report
 
 __version__ = "0.1.0"
 
-__all__ = ["BudgetError", "CRITERIA", "CaptureError", "Constraints", "Cost", "Criterion", "Pruner",
-           "capture", "comb", "cost", "eliminate", "format_report", "prune", "set_mode",
-           "slice_optimizer"]
+__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "Constraints", "Cost", "Criterion",
+           "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
+           "capture", "comb", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
+           "load", "prune", "resolve_data", "save", "set_mode", "slice_optimizer"]

@@ -1,0 +1,229 @@
+"""Latency of ONNX models (and, for reference, torch models) on this machine.
+
+Runs are interleaved, one model after another round after round, so that
+drift (thermal throttling, turbo, other load) hits every model alike; the
+speed-up of a model is the ratio of the first model's median latency to its
+own, measured in the same rounds.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm.auto import tqdm
+
+from .export import eval_copy
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+@dataclass
+class BenchResult:
+    """rows: one dict per model, runtime ("onnxruntime" or "torch"), device
+    ("cpu" or "cuda") and batch size, with median_ms, p90_ms, images_per_s,
+    speedup (against the first model of the same runtime, device and batch)
+    and repeats. machine: what it ran on. models: name -> ONNX path."""
+    rows: list = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+
+    def to_json(self, path) -> str:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=1)
+        return str(path)
+
+    @classmethod
+    def from_json(cls, path) -> "BenchResult":
+        with open(path, encoding="utf-8") as f:
+            return cls(**json.load(f))
+
+    def markdown(self) -> str:
+        """The rows as a markdown table, then the machine in one line."""
+        lines = ["| model | runtime | device | batch | median ms | p90 ms | images/s | speed-up |",
+                 "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            lines.append(f"| {r['model']} | {r['runtime']} | {r['device']} | {r['batch']} | "
+                         f"{r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['images_per_s']:.1f} | "
+                         f"{r['speedup']:.2f}x |")
+        m = self.machine
+        lines.append(f"\n{m['cpu']}, {m['cores']} cores, {m['threads'] or 'default'} threads; "
+                     f"onnxruntime {m['onnxruntime']} ({', '.join(m['providers'])}), torch {m['torch']}; "
+                     f"median of {self.rows[0]['repeats'] if self.rows else 0} interleaved runs.")
+        return "\n".join(lines)
+
+    def plot(self, path, macs: dict | None = None, accuracy: dict | None = None) -> str:
+        """A PNG of median latency per image against MACs per model (one line
+        per runtime, device and batch), and of accuracy against MACs when
+        accuracy (name -> value) is given. MACs default to the `cpdfx.macs`
+        metadata of each ONNX file (per sample); models with neither are left out."""
+        from matplotlib.figure import Figure  # no pyplot: the global backend stays as it was
+
+        macs = {**self._onnx_macs(), **(macs or {})}
+        if not macs:
+            raise ValueError("plot needs MACs: pass macs={name: MACs} or bench ONNX files written "
+                             "by cpdfx.export_onnx (they carry cpdfx.macs)")
+        fig = Figure(figsize=(11 if accuracy else 6, 4.5))
+        axes = fig.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
+        series = {}
+        for r in self.rows:
+            if r["model"] in macs:
+                series.setdefault(f"{r['runtime']} {r['device']}, batch {r['batch']}", []).append(r)
+        for label, rows in series.items():
+            points = sorted((macs[r["model"]] / 1e6, r["median_ms"] / r["batch"], r["model"]) for r in rows)
+            axes[0].plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+            for x, y, name in points:
+                axes[0].annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes[0].set(xlabel="MMACs per image", ylabel="median latency per image (ms)", title="latency")
+        axes[0].legend(fontsize=8)
+        if accuracy:
+            points = sorted((macs[n] / 1e6, a, n) for n, a in accuracy.items() if n in macs)
+            axes[1].plot([p[0] for p in points], [p[1] for p in points], "o-")
+            for x, y, name in points:
+                axes[1].annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axes[1].set(xlabel="MMACs per image", ylabel="accuracy", title="accuracy")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return str(path)
+
+    def _onnx_macs(self) -> dict:
+        out = {}
+        for name, path in self.models.items():
+            props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+            if "cpdfx.macs" in props:
+                out[name] = int(props["cpdfx.macs"])
+        return out
+
+
+def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | None = None,
+          providers=None, warmup: int = 5, repeats: int = 30, torch_models: dict | None = None,
+          progress: bool = True) -> BenchResult:
+    """Time ONNX models with onnxruntime: models maps names to ONNX paths, the
+    first is the reference for the speed-ups.
+
+    inputs_or_shape: the shape of the (single) input, with or without the batch
+    dim (random normal float32 data), or an array/tensor whose rows are repeated
+    to each batch size. providers: onnxruntime providers to time (default the
+    CPU one, and CUDA when onnxruntime has it). threads: intra-op threads of
+    onnxruntime and torch (default theirs). torch_models (name -> module or
+    cpdfx graph) are timed in eval mode the same way, on CPU and on CUDA when
+    torch has it; they are copied, not changed."""
+    if not models:
+        raise ValueError("bench needs at least one ONNX model: models={name: path}")
+    available = ort.get_available_providers()
+    providers = list(providers or [CPU] + ([CUDA] if CUDA in available else []))
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(f"onnxruntime here has no {', '.join(missing)}; it has {', '.join(available)}")
+    torch_models = {name: eval_copy(m) for name, m in (torch_models or {}).items()}
+    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if torch_models else []
+    rank = _input_rank(next(iter(models.values())))
+    groups = len(batch_sizes) * (len(providers) * len(models) + len(devices) * len(torch_models))
+    bar = tqdm(total=groups * (warmup + repeats), desc="bench", unit="run", disable=not progress)
+    rows = []
+    with _torch_threads(threads):
+        for batch in batch_sizes:
+            x = _batch(inputs_or_shape, batch, rank)
+            for provider in providers:
+                runs = {name: _ort_run(path, x, provider, threads) for name, path in models.items()}
+                rows += _rows(_interleave(runs, warmup, repeats, bar), "onnxruntime",
+                              "cuda" if provider == CUDA else "cpu", batch)
+            for device in devices:
+                runs = {name: _torch_run(m, x, device) for name, m in torch_models.items()}
+                rows += _rows(_interleave(runs, warmup, repeats, bar), "torch", device, batch)
+    bar.close()
+    return BenchResult(rows, _machine(providers, threads), {k: str(v) for k, v in models.items()})
+
+
+def _input_rank(path) -> int:
+    graph = onnx.load(path, load_external_data=False).graph
+    if len(graph.input) != 1:
+        raise ValueError(f"bench times models with one input; {path} has {len(graph.input)}")
+    return len(graph.input[0].type.tensor_type.shape.dim)
+
+
+def _batch(inputs_or_shape, batch: int, rank: int) -> np.ndarray:
+    """batch inputs: random for a shape, else the given rows repeated."""
+    if isinstance(inputs_or_shape, (tuple, list, torch.Size)):
+        shape = tuple(inputs_or_shape)[-(rank - 1):] if rank > 1 else ()
+        return np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
+    x = np.asarray(inputs_or_shape.detach().cpu() if isinstance(inputs_or_shape, torch.Tensor) else inputs_or_shape)
+    return np.resize(x, (batch, *x.shape[1:]))
+
+
+def _ort_run(path, x, provider, threads):
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=[provider])
+    feed = {session.get_inputs()[0].name: x}
+    return lambda: session.run(None, feed)
+
+
+def _torch_run(model, x, device):
+    model = model.to(device)
+    x = torch.from_numpy(x).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        with torch.inference_mode():
+            model(x)
+        sync()
+    return run
+
+
+def _interleave(runs: dict, warmup: int, repeats: int, bar) -> dict:
+    """Seconds per run of each model: warm-up runs, then the repeats round-robin,
+    each round starting at the next model so none always follows the same one."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+            bar.update()
+    names = list(runs)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+            bar.update()
+    return times
+
+
+def _rows(times: dict, runtime: str, device: str, batch: int) -> list:
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    reference = next(iter(medians.values()))
+    return [{"model": name, "runtime": runtime, "device": device, "batch": batch,
+             "median_ms": medians[name] * 1e3, "p90_ms": float(np.percentile(t, 90)) * 1e3,
+             "images_per_s": batch / medians[name], "speedup": reference / medians[name],
+             "repeats": len(t)} for name, t in times.items()]
+
+
+@contextlib.contextmanager
+def _torch_threads(threads):
+    """torch.set_num_threads for the block, then back to what it was."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _machine(providers, threads) -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "onnxruntime": ort.__version__,
+            "providers": providers, "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "platform": platform.platform()}

@@ -1,0 +1,69 @@
+"""bench: interleaved onnxruntime (and torch) timings, table, plot and JSON.
+Timings are only checked for sanity: this runs on shared CI machines."""
+import pytest
+import torch
+import torch.nn as nn
+
+from cpdfx.bench import BenchResult, bench
+from cpdfx.export import export_onnx
+
+FIELDS = {"model", "runtime", "device", "batch", "median_ms", "p90_ms", "images_per_s", "speedup", "repeats"}
+
+
+def tiny(width):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 4))
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    x = torch.randn(2, 3, 8, 8)
+    models = {name: export_onnx(tiny(w), x, folder / f"{name}.onnx") for name, w in [("wide", 16), ("narrow", 4)]}
+    return bench(models, (3, 8, 8), batch_sizes=(1, 4), threads=1, warmup=1, repeats=3,
+                 torch_models={"wide": tiny(16)}, progress=False)
+
+
+def test_rows_have_every_field_and_sane_values(result):
+    assert [(r["runtime"], r["batch"], r["model"]) for r in result.rows] == [
+        ("onnxruntime", 1, "wide"), ("onnxruntime", 1, "narrow"), ("torch", 1, "wide"),
+        ("onnxruntime", 4, "wide"), ("onnxruntime", 4, "narrow"), ("torch", 4, "wide")]
+    for r in result.rows:
+        assert set(r) == FIELDS
+        assert r["device"] == "cpu" and r["repeats"] == 3
+        assert 0 < r["median_ms"] <= r["p90_ms"] and r["speedup"] > 0
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
+        if r["model"] == "wide":  # the reference of its runtime and batch
+            assert r["speedup"] == 1.0
+    assert result.machine["threads"] == 1 and result.machine["cores"] >= 1
+    assert "CPUExecutionProvider" in result.machine["providers"] and result.machine["cpu"]
+
+
+def test_markdown_has_a_row_per_model_and_batch(result):
+    lines = result.markdown().splitlines()
+    assert lines[0].startswith("| model |")
+    for r in result.rows:
+        assert sum(line.startswith(f"| {r['model']} | {r['runtime']} | {r['device']} | {r['batch']} |")
+                   for line in lines) == 1
+    assert len([line for line in lines if line.startswith("| ") and "---" not in line]) == len(result.rows) + 1
+
+
+def test_plot_writes_png_with_macs_from_onnx_metadata(result, tmp_path):
+    path = result.plot(tmp_path / "bench.png", accuracy={"wide": 0.9, "narrow": 0.8})
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert result.plot(tmp_path / "latency.png", macs={"wide": 2e6, "narrow": 1e6}).endswith("latency.png")
+
+
+def test_json_roundtrips(result, tmp_path):
+    assert BenchResult.from_json(result.to_json(tmp_path / "bench.json")) == result
+
+
+def test_inputs_as_an_array_or_a_shape_with_batch(result):
+    models = result.models
+    for inputs in (torch.randn(3, 3, 8, 8), (1, 3, 8, 8)):
+        rows = bench(models, inputs, batch_sizes=(2,), warmup=0, repeats=1, progress=False).rows
+        assert [r["batch"] for r in rows] == [2, 2]
+
+
+def test_unknown_provider_is_refused(result):
+    with pytest.raises(ValueError, match="no TensorrtExecutionProvider"):
+        bench(result.models, (3, 8, 8), providers=["TensorrtExecutionProvider"], progress=False)

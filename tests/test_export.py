@@ -1,0 +1,185 @@
+"""ONNX export matches onnxruntime at a new batch size, carries cost and report,
+and fails cleanly; .pt2 save/load keeps outputs, meta and the mode switch."""
+import copy
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+import cpdfx
+import passes
+from cpdfx import export as export_module
+from cpdfx import zoo
+from cpdfx.capture import is_captured
+from cpdfx.export import ExportError, LoadError, export_onnx, load, save
+from cpdfx.models import MODELS
+
+
+def run_onnx(path, *inputs):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+
+
+def assert_matches(path, model, x):
+    with torch.no_grad():
+        expected = pytree.tree_leaves(model(x))
+    got = run_onnx(path, x)
+    assert len(got) == len(expected)
+    for have, want in zip(got, expected):
+        np.testing.assert_allclose(have, want.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def props(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pruned_builtin_model_matches_onnxruntime_at_a_new_batch(tmp_path, name):
+    model = MODELS[name]().eval()
+    slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), macs=0.5)
+    path = export_onnx(slim, torch.randn(2, 3, 16, 16), tmp_path / f"{name}.onnx")
+    assert_matches(path, slim, torch.randn(3, 3, 16, 16))
+    graph = onnx.load(path).graph
+    assert all(v.type.tensor_type.shape.dim[0].dim_param == "batch" for v in [*graph.input, *graph.output])
+    if name == "fpn":
+        assert [o.name for o in graph.output] == ["classes", "boxes"]
+
+
+@pytest.mark.parametrize("family", ["vit", "segformer"])
+def test_pruned_transformers_model_exports_with_named_outputs(tmp_path, family):
+    model = zoo.build(family).eval()
+    slim = cpdfx.prune(model, torch.randn(2, 3, 64, 64), macs=0.5)
+    path = export_onnx(slim, torch.randn(2, 3, 64, 64), tmp_path / "m.onnx")
+    assert [o.name for o in onnx.load(path).graph.output] == ["logits"]
+    for batch in (1, 5):  # the batch read inside the graph (ViT's class token, reshapes) is dynamic
+        assert_matches(path, slim, torch.randn(batch, 3, 64, 64))
+
+
+def test_plain_module_exports_its_eval_behaviour_and_is_not_changed(tmp_path):
+    model = MODELS["vgg"]().train()  # dropout and batch norm
+    state = copy.deepcopy(model.state_dict())
+    path = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "vgg.onnx")
+    assert model.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert_matches(path, copy.deepcopy(model).eval(), torch.randn(4, 3, 16, 16))
+
+
+def test_metadata_holds_cost_report_version_and_user_entries(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    slim = cpdfx.prune(MODELS["resnet"]().eval(), x, macs=0.5)
+    meta = props(export_onnx(slim, x, tmp_path / "r.onnx", metadata={"dataset": "cifar10", "top1": 0.91}))
+    per_sample = cpdfx.cost(slim, x[:1])
+    assert int(meta["cpdfx.macs"]) == per_sample.macs > 0
+    assert int(meta["cpdfx.params"]) == per_sample.params
+    assert json.loads(meta["cpdfx.report"]) == json.loads(json.dumps(slim.meta["cpdfx_report"]))
+    assert meta["cpdfx.version"] == cpdfx.__version__
+    assert meta["dataset"] == "cifar10" and json.loads(meta["top1"]) == 0.91
+
+
+def test_mismatch_raises_with_the_error_and_writes_nothing(tmp_path, monkeypatch):
+    forward = export_module._Leaves.forward
+    monkeypatch.setattr(export_module._Leaves, "forward",  # what gets exported is off by one
+                        lambda self, *args: tuple(t + 1 for t in forward(self, *args)))
+    path = tmp_path / "off.onnx"
+    with pytest.raises(ExportError, match=r"differs by up to 1 .*atol=0.0001") as info:
+        export_onnx(MODELS["se"]().eval(), torch.randn(2, 3, 16, 16), path)
+    assert "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+class Spectrum(nn.Module):
+    def forward(self, x):
+        return torch.fft.rfft(x).abs()  # no ONNX translation in the TorchScript exporter
+
+
+def test_exporter_failure_names_the_model_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "spectrum.onnx"
+    path.write_bytes(b"previous")
+    with pytest.raises(ExportError, match="could not export Spectrum to ONNX") as info:
+        export_onnx(Spectrum(), torch.randn(2, 3, 8), path)
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["spectrum.onnx"]
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    """VGGTiny (batch norm and dropout) in train mode, captured and pruned."""
+    torch.manual_seed(0)
+    model = MODELS["vgg"]().train()
+    return model, cpdfx.prune(model, torch.randn(4, 3, 16, 16), macs=0.5)
+
+
+def test_save_load_roundtrip_keeps_outputs_and_meta(tmp_path, vgg):
+    _, slim = vgg
+    slim = passes.set_mode(copy.deepcopy(slim), False)
+    loaded = load(save(slim, tmp_path / "slim.pt2"))
+    assert is_captured(loaded) and not loaded.training
+    assert loaded.meta["cpdfx_kept"] == slim.meta["cpdfx_kept"]
+    assert loaded.meta["cpdfx_report"] == json.loads(json.dumps(slim.meta["cpdfx_report"]))
+    x = torch.randn(5, 3, 16, 16)  # the graph was captured at batch 4
+    with torch.no_grad():
+        assert torch.equal(loaded(x), slim(x))
+    again = load(save(loaded, tmp_path / "again.pt2"))
+    with torch.no_grad():
+        assert torch.equal(again(x), slim(x))
+
+
+def test_loaded_graph_switches_batch_norm_and_dropout_both_ways(tmp_path):
+    model = MODELS["vgg"]().train()
+    gm = cpdfx.capture(model, torch.randn(4, 3, 16, 16)).eval()  # saved in eval mode
+    loaded = load(save(gm, tmp_path / "vgg.pt2"))
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)  # running statistics, no dropout
+    loaded.train()
+    counter = loaded.get_submodule("features.0.1").num_batches_tracked
+    before = int(counter)
+    torch.manual_seed(1)
+    a = loaded(x)
+    assert int(loaded.get_submodule("features.0.1").num_batches_tracked) == before + 1
+    torch.manual_seed(2)
+    assert not torch.allclose(a, loaded(x))  # dropout is on
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x))
+    assert int(loaded.get_submodule("features.0.1").num_batches_tracked) == before + 2
+
+
+def test_graph_captured_in_eval_loads_and_can_train(tmp_path):
+    model = MODELS["resnet"]().eval()
+    loaded = load(save(cpdfx.capture(model, torch.randn(2, 3, 16, 16)), tmp_path / "r.pt2"))
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+        assert torch.allclose(loaded.train()(x), model.train()(x), atol=1e-5)  # batch statistics
+
+
+def test_save_failure_leaves_nothing(tmp_path, monkeypatch, vgg):
+    def broken(program, path, **kwargs):
+        open(path, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch.export, "save", broken)
+    with pytest.raises(OSError):
+        save(vgg[1], tmp_path / "slim.pt2")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(TypeError, match="capture it first"):
+        save(vgg[0], tmp_path / "module.pt2")
+
+
+def test_load_errors_are_one_paragraph(tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_text("hello")
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(nn.Linear(2, 2), (torch.randn(3, 2),)), plain)
+    for path, message in [(tmp_path / "missing.pt2", "no such file"), (junk, "not a .pt2 file"),
+                          (plain, "not one cpdfx.save wrote")]:
+        with pytest.raises(LoadError, match=message) as info:
+            load(path)
+        assert "\n" not in str(info.value)
