@@ -73,13 +73,16 @@ MAC_TERMS = {
 MAC_TERMS.pop(None, None)
 
 
+def mac_terms_by_node(gm: fx.GraphModule) -> list:
+    """(node, its terms) for each MAC-counted op: a term is a list of
+    (node, dim) whose sizes multiply."""
+    return [(node, MAC_TERMS[node.target](node)) for node in gm.graph.nodes
+            if node.op == "call_function" and node.target in MAC_TERMS]
+
+
 def mac_terms(gm: fx.GraphModule) -> list:
-    """Each MAC-counted op as a list of (node, dim) whose sizes multiply."""
-    terms = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in MAC_TERMS:
-            terms += MAC_TERMS[node.target](node)
-    return terms
+    """Every MAC term of the graph (see mac_terms_by_node)."""
+    return [term for _, terms in mac_terms_by_node(gm) for term in terms]
 
 
 def _size(node, d):
