@@ -341,7 +341,7 @@ class DeferredInterrupt:
 # -- the loop ---------------------------------------------------------------------------
 
 
-def distill(student: nn.Module, teacher: nn.Module, train_data, val_data=None, *, task: str = "classification",
+def distill(student: nn.Module, teacher: nn.Module | None, train_data, val_data=None, *, task: str = "classification",
             epochs: int = 1, batch_size: int = 64, lr: float | None = None, optimizer: str = "adamw",
             weight_decay: float = 0.05, momentum: float = 0.9, warmup=0.05, clip_grad: float | None = 1.0,
             loss: DistillLoss | dict | None = None, labels: bool = True, device=None, amp: bool | None = None,
@@ -353,7 +353,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, val_data=None, *
     is trained in place (train() switches a captured graph's batch norm and
     dropout). teacher: the original model, run in eval mode without gradients; if
     it shares weights with the student, the teacher is copied so that its
-    targets stay fixed.
+    targets stay fixed. teacher=None trains on the labels alone (plain
+    supervised training, e.g. of a teacher).
     batch_size is the global batch: each of N ranks takes batch_size / N.
     lr defaults to 1e-3 for AdamW, 0.05 for SGD; the schedule is a per-step
     linear warm-up (`warmup`: steps, or a share of all steps) then cosine decay.
@@ -416,7 +417,9 @@ class _Run:
                              f"{batch_size}: lower batch_size")
         return per_rank
 
-    def _freeze(self, teacher: nn.Module, student: nn.Module) -> nn.Module:
+    def _freeze(self, teacher: nn.Module | None, student: nn.Module) -> nn.Module | None:
+        if teacher is None:
+            return None
         if shares_storage(teacher, student):
             warnings.warn("the student shares its weights with the teacher, so training it also changes the "
                           "model object passed as teacher; distill trains against a frozen copy of the teacher. "
@@ -513,7 +516,7 @@ class _Run:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(x)
             with torch.no_grad():
-                target_out = self.teacher(x)
+                target_out = None if self.teacher is None else self.teacher(x)
             terms = self.loss.terms(out, target_out, y)
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()

@@ -139,14 +139,19 @@ class DistillLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def terms(self, student_out, teacher_out, target=None) -> dict[str, torch.Tensor]:
-        """The weighted loss terms, e.g. {"ce": ..., "kd": ...}; they sum to the loss."""
-        s, t = logits_of(student_out), logits_of(teacher_out).detach()
-        distill = DISTILL[self.kind](s, t, self.temperature)
-        if not self.labels:
-            return {self.kind: distill}
-        if target is None:
+        """The weighted loss terms, e.g. {"ce": ..., "kd": ...}; they sum to the loss.
+        Without a teacher output (teacher_out None) it is cross-entropy alone."""
+        s = logits_of(student_out)
+        if self.labels and target is None:
             raise ValueError("DistillLoss(labels=True) needs the targets; for distillation from the "
                              "teacher alone, without labels, use labels=False")
+        if teacher_out is None:
+            if not self.labels:
+                raise ValueError("with neither labels nor a teacher there is nothing to learn from")
+            return {"ce": cross_entropy(s, target, self.ignore_index)}
+        distill = DISTILL[self.kind](s, logits_of(teacher_out).detach(), self.temperature)
+        if not self.labels:
+            return {self.kind: distill}
         ce = cross_entropy(s, target, self.ignore_index)
         return {"ce": (1 - self.alpha) * ce, self.kind: self.alpha * distill}
 
