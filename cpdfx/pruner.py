@@ -17,6 +17,7 @@ the parameters were sliced, so training goes on without a restart.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -68,6 +69,7 @@ class Pruner:
         self.base = CostModel(self.gm, self.comb, example_inputs)()
         self.steps_done = 0
         self.history: list[dict] = []
+        self.keeps: list[dict] = []  # each step's keep set, in the comb it was applied to (see replay)
 
     @property
     def done(self) -> bool:
@@ -93,6 +95,7 @@ class Pruner:
                   score(self.criterion, self.gm, self.comb, self.example_inputs, self.calibration, self.loss_fn))
         chosen = plan(self.gm, self.comb, self.example_inputs, **shares, importance=self.criterion,
                       rules=self.rules, scores=scores)
+        self.keeps.append(_plain_keep(chosen.keep))
         slim = eliminate(self.gm, self.comb, chosen.keep)
         if optimizer is not None:
             slice_optimizer(optimizer, self.gm, slim, kept_indices(self.comb, chosen.keep))
@@ -105,6 +108,68 @@ class Pruner:
         self.criterion.reset()
         self.steps_done += 1
         return slim
+
+    # -- resuming: a pruned structure re-created from the keep sets of the steps done --
+
+    def state_dict(self) -> dict:
+        """What re-creates this pruner's state on a fresh one (see load_state_dict):
+        the keep set of every step done, the history and the last report, and what
+        a gradient criterion has accumulated since the last step. Plain Python and
+        numpy values, so that it can travel in a training checkpoint."""
+        return {"steps_done": self.steps_done, "keeps": [dict(k) for k in self.keeps],
+                "history": [dict(h) for h in self.history], "report": self.gm.meta.get(REPORT),
+                "criterion": _criterion_state(self.criterion)}
+
+    def load_state_dict(self, state: dict) -> fx.GraphModule:
+        """Replay the steps recorded in `state` on this pruner, which must be
+        freshly built from the same model with the same settings, and return the
+        graph in the shape it then had. The weights are the original's: load the
+        trained ones afterwards (a checkpoint's state_dict fits the graph returned)."""
+        if self.steps_done:
+            raise RuntimeError(f"load_state_dict replays the recorded steps on a fresh Pruner, but this one has "
+                               f"already done {self.steps_done} step(s); build a new Pruner from the original model")
+        if len(state["keeps"]) > len(self.targets):
+            raise ValueError(f"the state holds {len(state['keeps'])} pruning steps but this Pruner has only "
+                             f"{len(self.targets)}: build it with the steps= of the run that saved the state")
+        for keep in state["keeps"]:
+            self.replay(keep)
+        self.history = [dict(h) for h in state["history"]]
+        if state.get("report") is not None and self.steps_done:
+            self.gm.meta[REPORT] = state["report"]
+        _load_criterion_state(self.criterion, state.get("criterion"))
+        return self.gm
+
+    def replay(self, keep: dict) -> fx.GraphModule:
+        """Apply one recorded step: eliminate `keep` (group id -> kept indices, in
+        the comb of the current graph) without scoring; the graph, its comb and the
+        step count advance exactly as `step` advanced them."""
+        keep = {int(g): idx for g, idx in keep.items()}
+        slim = eliminate(self.gm, self.comb, keep)
+        self.keeps.append(_plain_keep(keep))
+        self.gm, self.comb = slim, comb_pass(slim)
+        self.criterion.reset()
+        self.steps_done += 1
+        return slim
+
+
+def _plain_keep(keep: dict) -> dict:
+    """A keep set as plain ints (JSON- and checkpoint-friendly)."""
+    return {int(g): [int(i) for i in idx] for g, idx in keep.items()}
+
+
+def _criterion_state(criterion) -> dict | None:
+    """What a gradient criterion has accumulated (its running sums and batch
+    count); None for criteria that keep nothing between steps."""
+    if not getattr(criterion, "needs_gradients", False) or not hasattr(criterion, "total"):
+        return None
+    return {"total": {int(g): np.array(v, dtype=np.float64, copy=True) for g, v in criterion.total.items()},
+            "batches": int(criterion.batches)}
+
+
+def _load_criterion_state(criterion, state: dict | None) -> None:
+    if state is not None and hasattr(criterion, "total"):
+        criterion.total = {int(g): np.array(v, dtype=np.float64, copy=True) for g, v in state["total"].items()}
+        criterion.batches = int(state["batches"])
 
 
 def _shares(target, steps, kind):
