@@ -6,6 +6,7 @@ from passes import comb, eliminate, set_mode
 
 from .bench import BenchResult, bench
 from .capture import CaptureError, capture
+from .compress import CompressResult, compress
 from .cost import Cost, cost
 from .data import DataError, resolve_data
 from .distill import DistillResult, distill, evaluate
@@ -18,7 +19,7 @@ from .report import format_report
 
 __version__ = "0.1.0"
 
-__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "Constraints", "Cost", "Criterion",
+__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Criterion",
            "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
-           "capture", "comb", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
+           "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
            "load", "prune", "resolve_data", "save", "set_mode", "slice_optimizer"]

@@ -1,7 +1,10 @@
 """Capture a model as a torch.fx graph through torch.export."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 import types
 
 import torch
@@ -43,10 +46,13 @@ def capture(model: torch.nn.Module, example_inputs, dynamic_batch: bool = True) 
     args = as_tuple(example_inputs)
     args = pytree.tree_map(_at_least_two, args) if dynamic_batch else args
     dynamic_shapes = _batch_dynamic(args) if dynamic_batch else None
+    printed = io.StringIO()  # on failure torch.export prints the partial graph to stderr
     try:
-        program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+        with contextlib.redirect_stderr(printed):
+            program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     except Exception as err:  # torch.export raises many kinds; all mean "not capturable"
         raise CaptureError(_explain(model, err, dynamic_batch)) from err
+    sys.stderr.write(printed.getvalue())
     # ep.module() shares the model's tensors: training the graph would train the
     # model too (and a teacher distilling it); the graph gets its own copy.
     gm = copy.deepcopy(program.module())

@@ -1,46 +1,98 @@
-"""The `cpdfx` command."""
+"""The `cpdfx` command: compress, prune, distill, export, bench, inspect, demo.
+
+Every subcommand reads models and data the same way (see `load_model` and
+`cpdfx.data.resolve_data`), shows progress bars on long work, and turns the
+errors a user can fix into one paragraph on stderr and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import json
+import logging
 import sys
-import time
+import warnings
+from pathlib import Path
 
 import torch
 
 from .capture import CaptureError
+from .data import DataError
+from .export import ExportError, LoadError
 from .prune import BudgetError
+
+TASKS = ("classification", "segmentation")
 
 
 class UsageError(Exception):
     """Bad input from the command line."""
 
 
-def load_model(spec: str) -> torch.nn.Module:
-    """A model from a spec: a built-in name (cpdfx.models), `hf:FAMILY` (a
-    transformers model from a small config, see cpdfx.zoo), or
-    `package.module:factory` (any importable callable returning a Module)."""
+# -- models, shapes, data ------------------------------------------------------------------
+
+def load_model(spec: str, task: str = "classification") -> torch.nn.Module:
+    """A model from a spec:
+    - a built-in name (cpdfx.models: resnet, vgg, unet, ...);
+    - a file saved by `cpdfx prune`/`cpdfx.save` (*.pt2);
+    - `hf:FAMILY` (a small transformers config: resnet, vit, ...) or
+      `hf:ConfigClass(key=value, ...)` (any transformers vision config, random
+      weights, built for the task);
+    - `package.module:factory` or `package.module:factory(key=value, ...)`."""
     from .models import MODELS
-    if spec in MODELS:
-        return MODELS[spec]()
-    if spec.startswith("hf:"):
-        from . import zoo
-        try:
-            return zoo.build(spec[3:])
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-    module_name, _, attr = spec.partition(":")
+    name, kwargs = _call(spec)
+    if name in MODELS:
+        return MODELS[name](**kwargs)
+    if spec.endswith(".pt2"):
+        from .export import load
+        return load(spec)
+    if name.startswith("hf:"):
+        return _transformers_model(name[3:], kwargs, task)
+    module_name, _, attr = name.partition(":")
     if not attr:
-        raise UsageError(f"unknown model {spec!r}: give a built-in name ({', '.join(MODELS)}), "
-                         f"hf:FAMILY, or package.module:factory")
+        raise UsageError(f"unknown model {spec!r}: give a built-in name ({', '.join(MODELS)}), a saved "
+                         f"*.pt2 file, hf:FAMILY or hf:ConfigClass(...), or package.module:factory")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise UsageError(f"cannot load model {spec!r}: {err}") from None
-    model = factory()
+    model = factory(**kwargs)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _call(spec: str) -> tuple[str, dict]:
+    """'name(a=1, b="x")' -> ('name', {'a': 1, 'b': 'x'}); 'name' -> ('name', {})."""
+    if not spec.endswith(")") or "(" not in spec:
+        return spec, {}
+    name, _, args = spec[:-1].partition("(")
+    try:
+        call = ast.parse(f"f({args})", mode="eval").body
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError):
+        raise UsageError(f"cannot read the arguments of {spec!r}: write them as key=value with Python "
+                         f"literals, e.g. hf:ViTConfig(image_size=64, num_labels=10)") from None
+    if call.args:
+        raise UsageError(f"{spec!r}: give the arguments by name (key=value)")
+    return name, kwargs
+
+
+def _transformers_model(name: str, kwargs: dict, task: str) -> torch.nn.Module:
+    from . import zoo
+    if name in zoo.FAMILIES:
+        return zoo.build(name, **kwargs)
+    transformers = zoo._hf()
+    config_cls = getattr(transformers, name, None)
+    if config_cls is None or not name.endswith("Config"):
+        raise UsageError(f"hf:{name}: give a transformers config class (e.g. hf:ViTConfig(...)) or one of "
+                         f"the small families {', '.join(zoo.FAMILIES)}")
+    auto = (transformers.AutoModelForImageClassification if task == "classification"
+            else transformers.AutoModelForSemanticSegmentation)
+    try:
+        return auto.from_config(config_cls(**kwargs))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"cannot build a {task} model from {name}({kwargs}): {err}") from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -48,71 +100,293 @@ def parse_shape(text: str) -> tuple[int, ...]:
         shape = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise UsageError(f"--input-shape {text!r}: write the sizes separated by commas, e.g. 2,3,32,32") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise UsageError(f"--input-shape {text!r}: every size must be positive")
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape {text!r}: give a batch and the sizes of one input, all positive")
     return shape
 
 
+def example_input(args, data=None) -> torch.Tensor:
+    """The example batch: --input-shape, else two items of the data."""
+    if getattr(args, "input_shape", None):
+        return torch.randn(parse_shape(args.input_shape))
+    if data is not None:
+        return torch.stack([data[0][0], data[1][0]])
+    raise UsageError("give --input-shape (e.g. 2,3,224,224) or --data to take the shape from")
+
+
+def load_data(args, split: str, augment=None):
+    from .data import resolve_data
+    return resolve_data(args.data, args.task, split, augment=augment, image_size=args.image_size,
+                        normalize=args.normalize)
+
+
+def budget(args) -> dict:
+    return {k: getattr(args, k) for k in ("macs", "params", "latency") if getattr(args, k, None) is not None}
+
+
+def count_or_share(value: float):
+    """--min-keep: a channel count from 1 up, or a share below 1."""
+    return int(value) if value >= 1 else value
+
+
+def write_report(report: dict, out: Path) -> None:
+    from .report import format_report
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(format_report(report))
+
+
+# -- subcommands -----------------------------------------------------------------------------
+
 def cmd_inspect(args) -> None:
-    from . import capture
     from passes import comb
-    model = load_model(args.model).eval()
-    gm = capture(model, torch.randn(parse_shape(args.input_shape)))
+
+    from . import capture
+    model = load_model(args.model, args.task).eval()
+    gm = capture(model, example_input(args))
     groups = comb(gm)
     print(groups.table())
     prunable = sum(g.size for g in groups.prunable)
     print(f"\n{len(groups.prunable)} prunable groups ({prunable} channels) of {len(groups.groups)}")
 
 
+def cmd_prune(args) -> None:
+    from . import prune, save
+    model = load_model(args.model, args.task).eval()
+    data = load_data(args, "train", augment=False) if args.data else None
+    x = example_input(args, data)
+    calibration = None
+    if data is not None:
+        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(0))
+        calibration = [tuple(b) if args.labels else (b[0],) for _, b in zip(range(args.calibration_batches), loader)]
+    slim = prune(model, x, **budget(args), importance=args.importance, calibration=calibration,
+                 round_to=args.round_to, min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
+                 latency_options={"batch": args.latency_batch})
+    out = Path(args.out)
+    save(slim, out)
+    write_report(slim.meta["cpdfx_report"], out.parent)
+    print(f"\nslim model saved to {out}")
+
+
+def cmd_distill(args) -> None:
+    from . import distill, save
+    student = load_model(args.student, args.task)
+    teacher = load_model(args.teacher, args.task)
+    out = Path(args.out)
+    result = distill(student, teacher, load_data(args, "train"), load_data(args, "test"), task=args.task,
+                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labels=args.labels,
+                     out_dir=out, resume=args.resume)
+    save(result.student, out / "student.pt2")
+    print(json.dumps(result.history[-1], indent=1))
+    print(f"\ndistilled student saved to {out / 'student.pt2'}")
+
+
+def cmd_export(args) -> None:
+    from . import export_onnx
+    model = load_model(args.model, args.task)
+    path = export_onnx(model, example_input(args), args.out, opset=args.opset)
+    print(f"exported to {path} (checked against onnxruntime)")
+
+
+def cmd_bench(args) -> None:
+    from . import bench
+    models = {}
+    for path in args.onnx:
+        name, _, file = path.rpartition("=") if "=" in path else (Path(path).stem, "", path)
+        if not Path(file).is_file():
+            raise UsageError(f"no ONNX file at {file!r}")
+        models[name] = file
+    shape = parse_shape(args.input_shape)[1:] if args.input_shape else None
+    result = bench(models, shape or _onnx_shape(next(iter(models.values()))), batch_sizes=_ints(args.batch_sizes),
+                   threads=args.threads, repeats=args.repeats)
+    print(result.markdown())
+    if args.out:
+        result.to_json(args.out)
+    if args.plot:
+        result.plot(args.plot)
+
+
+def _onnx_shape(path) -> tuple:
+    import onnx
+    try:
+        dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    except Exception as err:  # onnx raises its own DecodeError and others for a damaged file
+        raise UsageError(f"cannot read {path} as an ONNX model: {type(err).__name__}: {err}") from None
+    shape = tuple(d.dim_value for d in dims[1:])
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"{path} has no fixed input shape: give --input-shape")
+    return shape
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"{text!r}: give integers separated by commas, e.g. 1,8") from None
+    if any(v <= 0 for v in values):
+        raise UsageError(f"{text!r}: every value must be positive")
+    return values
+
+
+def cmd_compress(args) -> None:
+    from .pipeline import run_compress
+    run_compress(args)
+
+
 def cmd_demo(args) -> None:
-    from . import prune
-    from .cost import Cost
-    from passes import comb
-    from .models import ResNetTiny
-    torch.manual_seed(0)
-    model = ResNetTiny().eval()
-    x = torch.randn(8, 3, 32, 32)
-    start = time.perf_counter()
-    slim = prune(model, x, macs=args.macs, importance=args.importance, round_to=args.round_to)
-    seconds = time.perf_counter() - start
-    report = slim.meta["cpdfx_report"]
-    before, after = (Cost(macs, params) for macs, params in zip(report["macs"], report["params"]))
-    with torch.no_grad():
-        out = slim(x)
-    print(comb(slim).table())
-    print(f"\nResNetTiny, input {tuple(x.shape)}, importance {args.importance}, target {args.macs:.0%} MACs")
-    print(f"  before: {before}")
-    print(f"  after:  {after}  ({after.macs / before.macs:.1%} MACs, {after.params / before.params:.1%} params)")
-    print(f"  slim output {tuple(out.shape)}; capture, comb, score, solve and eliminate took {seconds:.2f} s")
+    from .pipeline import run_demo
+    run_demo(args)
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a budget is the share of the original to keep, in (0, 1]")
+    return value
+
+
+def _model_args(p, name="model"):
+    p.add_argument(name, help="built-in name (resnet, vgg, unet, ...), a saved *.pt2, hf:FAMILY, "
+                              "hf:ConfigClass(key=value, ...), or package.module:factory")
+    p.add_argument("--task", choices=TASKS, default="classification", help="default classification")
+
+
+def _data_args(p, required=False):
+    p.add_argument("--data", required=required,
+                   help="fashion-mnist, digits, fashion-seg, or a folder (one sub-folder per class; "
+                        "images/ and masks/ for segmentation; train/ and test/ splits when present)")
+    p.add_argument("--image-size", type=int, default=224, help="image size for folder data (default 224)")
+    p.add_argument("--normalize", action="store_true", help="normalise images with the dataset's statistics")
+
+
+def _budget_args(p):
+    p.add_argument("--macs", type=_share, help="share of the MACs to keep, e.g. 0.5")
+    p.add_argument("--params", type=_share, help="share of the parameters to keep")
+    p.add_argument("--importance", default="fisher",
+                   help="fisher (default), taylor, l1, l2, bn_scale, random (compress also: learned)")
+    p.add_argument("--round-to", type=int, default=1, help="pruned channel counts a multiple of this")
+    p.add_argument("--min-keep", type=float, default=1,
+                   help="channels every group keeps: a count, or a share below 1 (default 1)")
+    p.add_argument("--ignore", nargs="*", help="layer names whose channels are all kept")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cpdfx", description="Compile-time structured pruning of PyTorch vision models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+        prog="cpdfx", description="Make vision models smaller and faster: capture a model as a torch.fx "
+        "graph, prune whole channel groups to a MACs, parameter or latency budget, distil the slim model "
+        "from the original, export it to ONNX and measure it in onnxruntime.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="the whole job: prune while distilling, export, bench, report",
+                       description="Prune a model step by step while distilling it from the original "
+                                   "(the CPD schedule), then export both to ONNX, time them in "
+                                   "onnxruntime and write report.md, report.json, the models and "
+                                   "plots into --out.")
+    _model_args(p)
+    _data_args(p, required=True)
+    _budget_args(p)
+    p.add_argument("--input-shape", help="example input shape (default: from the data)")
+    p.add_argument("--epochs", type=int, default=5, help="distillation epochs (default 5)")
+    p.add_argument("--prune-steps", type=int, default=5, help="pruning steps in the first half (default 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (AdamW)")
+    p.add_argument("--no-labels", dest="labels", action="store_false", help="distil without labels")
+    p.add_argument("--out", default="cpdfx-out", help="output folder (default cpdfx-out)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("prune", help="one-shot prune to a budget and save the slim model",
+                       description="Prune a model once to a MACs, parameter or latency budget and save the "
+                                   "slim graph (.pt2) with its report. Gradient criteria (fisher, taylor) "
+                                   "score on batches of --data, or on the example input without it.")
+    _model_args(p)
+    _data_args(p)
+    _budget_args(p)
+    p.add_argument("--latency", type=_share, help="share of the onnxruntime CPU latency to keep")
+    p.add_argument("--latency-batch", type=int, default=8, help="batch the latency is for (default 8)")
+    p.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224 (default: from --data)")
+    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--no-labels", dest="labels", action="store_false",
+                   help="score against the model's own predictions, not the data's labels")
+    p.add_argument("--out", default="slim.pt2", help="where to save the slim model (default slim.pt2)")
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("distill", help="train a (slim) student from a teacher",
+                       description="Distil a student (usually a slim *.pt2 from `cpdfx prune`) from a "
+                                   "teacher on --data; checkpoints every epoch into --out.")
+    _model_args(p, "student")
+    p.add_argument("teacher", help="the teacher model, in the same forms as the student")
+    _data_args(p, required=True)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--no-labels", dest="labels", action="store_false", help="distil without labels")
+    p.add_argument("--out", default="cpdfx-distill", help="output folder (default cpdfx-distill)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(run=cmd_distill)
+
+    p = sub.add_parser("export", help="export a model to ONNX, checked against onnxruntime",
+                       description="Export a model's eval behaviour to ONNX with a dynamic batch; the "
+                                   "file is checked with onnx.checker and against onnxruntime.")
+    _model_args(p)
+    p.add_argument("--input-shape", required=True, help="example input shape, e.g. 2,3,224,224")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("bench", help="time ONNX models side by side in onnxruntime",
+                       description="Time ONNX models in onnxruntime (CPU, and CUDA when present) in "
+                                   "interleaved runs; the first model is the reference for speed-ups.")
+    p.add_argument("onnx", nargs="+", help="ONNX files, optionally named: name=path.onnx")
+    p.add_argument("--input-shape", help="input shape with batch, e.g. 1,3,224,224 (default: from the file)")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG plot here")
+    p.set_defaults(run=cmd_bench)
+
     p = sub.add_parser("inspect", help="print the channel groups of a model",
                        description="Capture a model and print its channel groups: size, whether "
                                    "prunable (or why not), and the parameter dims each one touches.")
-    p.add_argument("model", help="built-in name (resnet, vit...), hf:FAMILY, or package.module:factory")
+    _model_args(p)
     p.add_argument("--input-shape", default="2,3,32,32", help="example input shape (default 2,3,32,32)")
     p.set_defaults(run=cmd_inspect)
-    p = sub.add_parser("demo", help="prune a built-in ResNet and show before/after",
-                       description="Prune the built-in ResNetTiny to a MACs budget and print its "
-                                   "groups, MACs and parameters before and after.")
-    p.add_argument("--macs", type=float, default=0.5, help="share of MACs to keep (default 0.5)")
-    p.add_argument("--importance", default="l2", help="l1, l2 or random (default l2)")
-    p.add_argument("--round-to", type=int, default=1, help="pruned channel counts a multiple of this")
+
+    p = sub.add_parser("demo", help="the main job on built-in defaults (Fashion-MNIST)",
+                       description="Train a small ResNet on Fashion-MNIST (digits when it is absent), "
+                                   "compress it to --macs with distillation, export both to ONNX, time "
+                                   "them and write report.md and plots into --out.")
+    p.add_argument("--macs", type=_share, default=0.5, help="share of MACs to keep (default 0.5)")
+    p.add_argument("--importance", default="fisher")
+    p.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    p.add_argument("--out", default="cpdfx-demo", help="output folder (default cpdfx-demo)")
     p.set_defaults(run=cmd_demo)
     return parser
 
 
+USER_ERRORS = (UsageError, CaptureError, BudgetError, DataError, ExportError, LoadError, ValueError,
+               FileNotFoundError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's pytree deprecations, per copy
+    torch._logging.set_logs(all=logging.CRITICAL)  # torch.export's own notes; failures get ours
     try:
         args.run(args)
-    except (UsageError, CaptureError, BudgetError, ValueError) as err:
-        print(f"cpdfx {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"cpdfx {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cpdfx {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,11 +1,19 @@
-"""The cpdfx command: inspect, demo, and errors as one paragraph with exit 2."""
+"""The cpdfx command: subcommands end to end, and errors as one paragraph with exit 2."""
+import json
+import os
 import subprocess
 import sys
 
+import onnx
+import pytest
 
-def run(*args):
+HERE = os.path.dirname(__file__)
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "cpdfx.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600, env=env, cwd=cwd)
 
 
 def test_inspect_prints_the_groups_table():
@@ -15,17 +23,70 @@ def test_inspect_prints_the_groups_table():
     assert "no: model output" in result.stdout
 
 
-def test_demo_prunes_to_half_the_macs():
-    result = run("demo")
+def test_prune_export_bench_chain(tmp_path):
+    slim = tmp_path / "slim.pt2"
+    result = run("prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "0.5", "--importance", "l2",
+                 "--out", str(slim))
     assert result.returncode == 0, result.stderr
-    assert "(50.0% MACs" in result.stdout or "(49." in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0.48 <= report["achieved"]["macs"] <= 0.5
+    assert "target macs 50%" in result.stdout
+    for model, name in [(str(slim), "slim.onnx"), ("resnet", "original.onnx")]:
+        result = run("export", model, "--input-shape", "2,3,16,16", "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+    onnx.checker.check_model(str(tmp_path / "slim.onnx"))
+    result = run("bench", f"original={tmp_path / 'original.onnx'}", f"slim={tmp_path / 'slim.onnx'}",
+                 "--batch-sizes", "2", "--repeats", "3", "--out", str(tmp_path / "bench.json"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["original", "slim"] and rows[0]["speedup"] == 1.0
+    assert "| slim | onnxruntime | cpu | 2 |" in result.stdout
 
 
-def test_errors_are_one_paragraph_and_exit_two():
-    for args, words in [(["inspect", "no.such.module:f"], "cannot load model"),
-                        (["inspect", "resnet", "--input-shape", "a,b"], "--input-shape"),
-                        (["demo", "--macs", "0"], "in (0, 1]")]:
-        result = run(*args)
-        assert result.returncode == 2
-        assert words in result.stderr
-        assert "Traceback" not in result.stderr
+def test_prune_with_data_calibrates_on_it(tmp_path):
+    result = run("prune", "cli_models:small_digits_net", "--data", "digits", "--macs", "0.5",
+                 "--calibration-batches", "2", "--out", str(tmp_path / "slim.pt2"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "report.json").read_text())["criterion"] == "fisher"
+
+
+def test_help_reads_well():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("compress", "prune", "distill", "export", "bench", "inspect", "demo"):
+        assert command in result.stdout
+        sub = run(command, "--help")
+        assert sub.returncode == 0 and "usage: cpdfx " + command in sub.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["inspect", "no.such.module:f"], "cannot load model"),
+    (["inspect", "resnet", "--input-shape", "a,b"], "--input-shape"),
+    (["inspect", "cli_models:data_dependent", "--input-shape", "2,3"], "could not capture DataDependent"),
+    (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "0"], "in (0, 1]"),
+    (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "1.5"], "in (0, 1]"),
+    (["prune", "resnet", "--input-shape", "2,3,16,16"], "give a budget"),
+    (["compress", "resnet", "--data", "/no/such/folder", "--macs", "0.5"], "unknown dataset"),
+    (["export", "missing.pt2", "--input-shape", "2,3,16,16", "--out", "x.onnx"], "no such file"),
+    (["bench", "README.md"], "cannot read README.md as an ONNX model"),
+    (["bench", "nothing.onnx"], "no ONNX file"),
+])
+def test_bad_input_is_one_paragraph_and_exit_two(args, words, tmp_path):
+    result = run(*args, cwd=os.path.dirname(HERE))
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 or result.stderr.startswith("usage:")
+
+
+def test_demo_quick_leaves_the_onnx_models_and_report(tmp_path):
+    out = tmp_path / "demo"
+    result = run("demo", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("original.onnx", "slim.onnx", "slim.pt2", "report.md", "bench.json", "latency.png"):
+        assert (out / name).is_file(), name
+    onnx.checker.check_model(str(out / "slim.onnx"))
+    report = (out / "report.md").read_text()
+    assert "| original |" in report and "| slim |" in report and "speed-up" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.48 <= summary["macs"]["slim"] / summary["macs"]["original"] <= 0.5
