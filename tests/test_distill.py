@@ -19,6 +19,8 @@ from cpdfx.distill import distill, evaluate
 from cpdfx.losses import DistillLoss
 from cpdfx.models import VGGTiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def mlp(hidden=64, dropout=0.0):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10))
@@ -48,20 +50,6 @@ def assert_same_weights(a, b, atol=0.0):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
         else:
             assert torch.equal(a[k], b[k]), f"{k} differs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train ~10x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.digits("train"), data.digits("test")
 
 
 @pytest.fixture(scope="module")
