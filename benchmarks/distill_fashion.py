@@ -44,41 +44,38 @@ SHARED_TEACHER = "resnettiny-w16-32-64-e5-lr0.002-s0.pt"  # benchmarks/criteria_
 # -- teachers ---------------------------------------------------------------------------
 
 
-def classifier_teacher(args, train, test) -> tuple[torch.nn.Module, dict]:
-    """The shared cached teacher when there is one, else one trained here (and cached)."""
-    model = ResNetTiny(num_classes=10, in_channels=1)
-    shared = Path(args.cache) / SHARED_TEACHER
-    own = Path(args.cache) / f"distill-teacher-resnettiny-e{args.teacher_epochs}-n{len(train)}-s{args.seed}.pt"
-    for path in ([] if args.quick else [shared]) + [own]:
+def cached_teacher(model, paths, seed, train) -> tuple[torch.nn.Module, dict]:
+    """The first of `paths` that holds saved weights, else `train(model)` (plain
+    supervised training, from `seed`), saved to the last path."""
+    for path in paths:
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(saved["state_dict"])
             return model.eval(), {"path": str(path), "train_s": saved["train_s"], "cached": True}
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
-    distill(model, model, train, test, epochs=args.teacher_epochs, batch_size=args.batch, lr=args.lr,
-            loss={"alpha": 0.0}, seed=args.seed, progress=args.progress)
+    train(model)
     saved = {"state_dict": model.state_dict(), "train_s": time.perf_counter() - t0}
-    own.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(saved, own)
-    return model.eval(), {"path": str(own), "train_s": saved["train_s"], "cached": False}
+    paths[-1].parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, paths[-1])
+    return model.eval(), {"path": str(paths[-1]), "train_s": saved["train_s"], "cached": False}
+
+
+def classifier_teacher(args, train, test) -> tuple[torch.nn.Module, dict]:
+    """The shared cached teacher when there is one, else one trained here (and cached)."""
+    own = Path(args.cache) / f"distill-teacher-resnettiny-e{args.teacher_epochs}-n{len(train)}-s{args.seed}.pt"
+    paths = ([] if args.quick else [Path(args.cache) / SHARED_TEACHER]) + [own]
+    return cached_teacher(ResNetTiny(num_classes=10, in_channels=1), paths, args.seed, lambda model: distill(
+        model, None, train, test, epochs=args.teacher_epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,
+        progress=args.progress))
 
 
 def segmentation_teacher(args, train, val) -> tuple[torch.nn.Module, dict]:
-    model = UNetTiny(num_classes=11, in_channels=1)
     path = Path(args.cache) / (f"distill-unettiny-c{args.canvas}-n{len(train)}-e{args.seg_teacher_epochs}"
                                f"-s{args.seed}.pt")
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        return model.eval(), {"path": str(path), "train_s": saved["train_s"], "cached": True}
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    distill(model, model, train, val, task="segmentation", epochs=args.seg_teacher_epochs, batch_size=args.seg_batch,
-            lr=args.lr, loss={"alpha": 0.0}, seed=args.seed, progress=args.progress)
-    saved = {"state_dict": model.state_dict(), "train_s": time.perf_counter() - t0}
-    torch.save(saved, path)
-    return model.eval(), {"path": str(path), "train_s": saved["train_s"], "cached": False}
+    return cached_teacher(UNetTiny(num_classes=11, in_channels=1), [path], args.seed, lambda model: distill(
+        model, None, train, val, task="segmentation", epochs=args.seg_teacher_epochs, batch_size=args.seg_batch,
+        lr=args.lr, seed=args.seed, progress=args.progress))
 
 
 # -- runs -------------------------------------------------------------------------------
