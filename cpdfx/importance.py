@@ -9,6 +9,9 @@ Criteria come in two kinds:
 - weight criteria (`l1`, `l2`, `bn_scale`, `random`) read the parameters;
 - gradient criteria (`fisher`, `taylor`) accumulate weight x gradient over
   calibration or training batches: `accumulate(gm, comb)` after each backward.
+  Per channel, the sum over its slices is the gradient of the loss with
+  respect to a mask scaling the channel; fisher sums its square per batch,
+  taylor its absolute value per batch.
 
 `normalisation` says how scores of different groups are put on one scale
 before the global ranking (see `normalise`):
@@ -182,12 +185,15 @@ class Fisher(_GradientCriterion):
 
 
 class Taylor(_GradientCriterion):
-    """First-order Taylor: |sum over batches of the mask gradient|."""
+    """First-order Taylor: |mask gradient| of each batch, summed over batches.
+    The absolute value is taken per batch, not of the sum: on a converged model
+    the signed gradients of different batches cancel (their mean is about the
+    zero gradient of the training loss), leaving noise to rank by."""
     name = "taylor"
 
     @staticmethod
     def _per_batch(mask_grad):
-        return mask_grad
+        return np.abs(mask_grad)
 
 
 class _Function(Criterion):

@@ -103,6 +103,23 @@ def test_gradient_criteria_give_a_channel_that_feeds_nothing_zero(importance):
     assert not any(p.grad is not None for p in gm.parameters())  # gradients cleaned up
 
 
+def test_taylor_takes_the_absolute_gradient_per_batch():
+    """Two batches whose gradients are opposite (as on a converged model, where
+    they average to about zero) still show which channels matter: taylor is the
+    mean |mask gradient| per batch, so with equal magnitudes its square is fisher's."""
+    gm = cpdfx.capture(MODELS["vgg"]().eval(), torch.randn(2, 3, 16, 16))
+    comb = passes.comb(gm)
+    taylor, fisher = cpdfx.CRITERIA["taylor"](), cpdfx.CRITERIA["fisher"]()
+    for sign in (1.0, -1.0):
+        for p in gm.parameters():
+            p.grad = sign * torch.ones_like(p)
+        taylor.accumulate(gm, comb)
+        fisher.accumulate(gm, comb)
+    t, f = taylor.scores(gm, comb), fisher.scores(gm, comb)
+    assert all((t[g.id] > 0).all() for g in comb.prunable)
+    assert all(np.allclose(t[g.id] ** 2, f[g.id]) for g in comb.prunable)
+
+
 def test_bn_scale_ranks_by_gamma():
     model = _vgg_with_dead_and_strong_channels()
     x = torch.randn(2, 3, 16, 16)

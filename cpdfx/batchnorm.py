@@ -1,0 +1,71 @@
+"""Batch-norm statistics re-estimated after pruning.
+
+Removing channels changes what every later layer sees, but the running means
+and variances of the batch norms were measured on the unpruned model: in eval
+mode the slim model normalises with stale statistics, and a model pruned hard
+can fall to chance for that reason alone. Re-estimating them on a few hundred
+unlabelled images (train-mode forwards without gradients; no weight changes)
+is adaptive batch norm as in EagleEye (Li et al., 2020).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+from passes.rules import arg, set_arg
+
+aten = torch.ops.aten
+
+TRAINING, MOMENTUM = (5, "training"), (6, "momentum")
+
+
+def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's batch-norm nodes that keep running statistics."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default
+            and arg(n, 3, "running_mean") is not None]
+
+
+@torch.no_grad()
+def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
+    """Replace the running statistics of gm's batch norms by their average
+    over `batches` (tuples of inputs), each batch weighted by its size, as
+XX
+    norms switch to batch statistics while the batches run: dropout and the
+    rest of the graph keep their mode. Returns the number of samples seen
+    (0, and nothing changed, when there were none or no batch norm). An
+    error or interrupt midway leaves the statistics as they were."""
+    norms = batch_norms(gm)
+    if not norms:
+        return 0
+    buffers = {n: (gm.get_buffer(arg(n, 3, "running_mean").target), gm.get_buffer(arg(n, 4, "running_var").target))
+               for n in norms}
+    sums = {n: [torch.zeros_like(mean, dtype=torch.float64), torch.zeros_like(var, dtype=torch.float64)]
+            for n, (mean, var) in buffers.items()}
+    originals = {n: (mean.clone(), var.clone()) for n, (mean, var) in buffers.items()}
+    saved = {n: (n.args, dict(n.kwargs)) for n in norms}
+    for n in norms:
+        set_arg(n, *TRAINING, True)
+        set_arg(n, *MOMENTUM, 1.0)  # the running buffers then hold each batch's own statistics
+    gm.recompile()
+    seen = 0
+    try:
+        for inputs in batches:
+            gm(*inputs)
+            size = inputs[0].shape[0]
+            for n, (mean, var) in buffers.items():
+                sums[n][0] += size * mean.double()
+                sums[n][1] += size * var.double()
+            seen += size
+    except BaseException:
+        seen = 0  # a failed or interrupted pass leaves the statistics as they were
+        raise
+    finally:
+        for n, (args, kwargs) in saved.items():
+            n.args, n.kwargs = args, kwargs
+        gm.recompile()
+        for n, (mean, var) in buffers.items():  # the average, or as before when nothing ran through
+            mean.copy_(sums[n][0] / seen if seen else originals[n][0])
+            var.copy_(sums[n][1] / seen if seen else originals[n][1])
+    return seen
