@@ -1,5 +1,5 @@
-"""One-shot pruning criteria on Fashion-MNIST: test accuracy right after pruning
-a trained small CNN to a MACs budget, before any fine-tuning, per criterion.
+"""Pruning criteria on Fashion-MNIST: test accuracy right after pruning a
+trained small CNN to a MACs budget, before any fine-tuning, per criterion.
 
     python benchmarks/criteria_fashion.py                       # tables on stdout
     python benchmarks/criteria_fashion.py --results benchmarks/RESULTS.md
@@ -7,23 +7,24 @@ a trained small CNN to a MACs budget, before any fine-tuning, per criterion.
 Trains a teacher (`cpdfx.models.ResNetTiny`, one input channel) on the 60k
 Fashion-MNIST training images with a plain supervised loop (AdamW, cosine
 schedule, batch 128, fixed seed) and caches its weights under --cache, so a
-re-run skips training. Then, for every criterion in `cpdfx.CRITERIA` and every
-budget in --macs: one-shot `cpdfx.prune(teacher, example, macs=budget,
-importance=name, calibration=...)` and top-1 on the full 10k test set, eval
-mode, no fine-tuning. The gradient criteria (fisher, taylor) calibrate on
---calib-batches batches of --calib-size training images, once without labels
-(the default self-supervised loss: cross-entropy against the model's own
-predictions) and once with them ("+labels" rows); random is averaged over
---random-seeds seeds (mean +- std). MACs and params are the achieved shares of
-the unpruned teacher.
+re-run skips training. Then, for every criterion in `cpdfx.CRITERIA`, every
+budget in --macs and every round count in --steps: one call of
+`cpdfx.prune(teacher, example, macs=budget, importance=name,
+calibration=..., steps=k)` and top-1 on the full 10k test set, eval mode, no
+weight trained. Every criterion gets the same calibration batches
+(--calib-batches of --calib-size training images): the gradient criteria
+(fisher, taylor) score on them, once without labels (the default
+self-supervised loss: cross-entropy against the model's own predictions) and
+once with them ("+labels" rows), and for every criterion prune re-estimates
+the batch-norm statistics on their images after each round. The "stale BN"
+column is the one-round model before that re-estimation. random is averaged
+over --random-seeds seeds (mean +- std). MACs and params are the achieved
+shares of the unpruned teacher.
 
-Two diagnostics go with it. A second accuracy column: the same slim model after
-re-estimating its batch-norm running statistics on --bn-batches batches of
-unlabelled training images (train-mode forwards, no gradients, no weight
-change; 0 turns it off). And with --oracle, how well each criterion ranks
-channels: the Spearman correlation of its scores with the measured loss
-increase of removing each channel alone (--oracle-images held-out training
-images; slow: one forward per channel).
+With --oracle, how well each criterion ranks channels on the teacher: the
+Spearman correlation of its scores with the measured loss increase of
+removing each channel alone (--oracle-images held-out training images; slow:
+one forward per channel).
 
 --results FILE puts the section "## One-shot pruning criteria on Fashion-MNIST
 (issue 4)" in FILE: replaces that section when FILE has it (keeping a paragraph
@@ -51,7 +52,8 @@ from tqdm.auto import tqdm
 
 import cpdfx
 from cpdfx.data import fashion_mnist, to_float
-from cpdfx.importance import Random
+from cpdfx.batchnorm import reestimate_batch_norm
+from cpdfx.importance import Random, calibration_item
 from cpdfx.models import ResNetTiny
 
 SECTION = "## One-shot pruning criteria on Fashion-MNIST (issue 4)"
@@ -131,50 +133,38 @@ def train_teacher(args, train, test) -> tuple[torch.nn.Module, dict]:
 # -- pruning ----------------------------------------------------------------------------
 
 
-def reestimate_bn(slim, images: torch.Tensor, batch: int) -> None:
-    """Re-estimate the batch-norm running statistics of slim on unlabelled
-    images (train-mode forwards, no gradients, no weight change), then eval."""
-    slim.train()
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            slim(images[i:i + batch])
-    slim.eval()
-
-
-def one_shot(teacher, example, budget: float, importance, calibration, test, bn_images, bn_batch) -> dict:
+def one_shot(teacher, example, budget: float, importance, calibration, steps: int, test) -> dict:
+    """One prune call; with one round, also the model before its batch norms are re-estimated."""
     t0 = time.perf_counter()
-    slim = cpdfx.prune(teacher.eval(), example, macs=budget, importance=importance, calibration=calibration)
-    prune_s = time.perf_counter() - t0
+    slim = cpdfx.prune(teacher.eval(), example, macs=budget, importance=importance, calibration=calibration,
+                       steps=steps, reestimate_bn=steps > 1)
+    out = {"prune_s": time.perf_counter() - t0}
+    if steps == 1:  # the same selection: re-estimating afterwards is what prune does after its round
+        out["top1_stale"] = accuracy(slim, *test)
+        reestimate_batch_norm(slim, [calibration_item(b, 1)[0] for b in calibration])
     achieved = slim.meta["cpdfx_report"]["achieved"]
-    out = {"top1": accuracy(slim, *test), "macs": achieved["macs"], "params": achieved["params"],
-           "prune_s": prune_s}
-    if bn_images is not None:
-        reestimate_bn(slim, bn_images, bn_batch)
-        out["top1_bn"] = accuracy(slim, *test)
-    return out
+    return {**out, "top1": accuracy(slim, *test), "macs": achieved["macs"], "params": achieved["params"]}
 
 
-def rows_for(budget, teacher, example, calib, calib_labelled, seeds, test, bn_images, bn_batch) -> list:
+def rows_for(budget, steps, teacher, example, calib, calib_labelled, seeds, test) -> list:
     """One row per criterion (the gradient ones twice: without and with labels)."""
     rows = []
-    keys = ("top1", "macs", "params", "prune_s") + (("top1_bn",) if bn_images is not None else ())
+    keys = ("top1", "macs", "params", "prune_s") + (("top1_stale",) if steps == 1 else ())
     for name in cpdfx.CRITERIA:
         variants = ([(name, calib), (f"{name}+labels", calib_labelled)] if name in GRADIENT
-                    else [(name, None)])
+                    else [(name, calib)])
         for label, calibration in variants:
-            if name == "random":
-                runs = [one_shot(teacher, example, budget, Random(s), None, test, bn_images, bn_batch)
-                        for s in seeds]
-            else:
-                runs = [one_shot(teacher, example, budget, name, calibration, test, bn_images, bn_batch)]
+            importances = [Random(s) for s in seeds] if name == "random" else [name]
+            runs = [one_shot(teacher, example, budget, i, calibration, steps, test) for i in importances]
             row = {"criterion": label, "runs": runs, **{k: float(np.mean([r[k] for r in runs])) for k in keys}}
-            for k in ("top1", "top1_bn"):
+            for k in ("top1", "top1_stale"):
                 row[f"{k}_std"] = float(np.std([r[k] for r in runs])) if len(runs) > 1 and k in keys else None
             rows.append(row)
             spread = f" +- {row['top1_std']:.4f} over {len(runs)} seeds" if len(runs) > 1 else ""
-            bn = f"  after BN re-estimation {row['top1_bn']:.4f}" if "top1_bn" in row else ""
-            print(f"macs={budget:g} {label:15s} top1 {row['top1']:.4f}{spread}{bn}  macs {row['macs']:.3f} "
-                  f"params {row['params']:.3f}  ({row['prune_s']:.1f} s/prune)", file=sys.stderr, flush=True)
+            stale = f"  (stale BN {row['top1_stale']:.4f})" if "top1_stale" in row else ""
+            print(f"macs={budget:g} steps={steps} {label:15s} top1 {row['top1']:.4f}{spread}{stale}  "
+                  f"macs {row['macs']:.3f} params {row['params']:.3f}  ({row['prune_s']:.1f} s/prune)",
+                  file=sys.stderr, flush=True)
     return rows
 
 
@@ -183,20 +173,26 @@ def _pct(row, key) -> str:
     return f"{row[key]:.2%}" + (f" ± {std:.2%}" if std is not None else "")
 
 
-def table(budget, rows, teacher_top1) -> str:
-    rand = next(r for r in rows if r["criterion"] == "random")
-    bn = "top1_bn" in rand
-    head = "| criterion | top-1 after pruning | vs random |"
-    head += " top-1 after BN re-estimation | vs random |" if bn else ""
+def table(budget, by_steps: dict, teacher_top1) -> str:
+    """One row per criterion; for each round count, top-1 and its lead over random."""
+    counts = sorted(by_steps)
+    head = ["criterion"]
+    for k in counts:
+        rounds = "1 step" if k == 1 else f"{k} steps"
+        head += ([f"{rounds}, stale BN"] if k == 1 else []) + [rounds, "vs random"]
+    head += ["MACs", "params"]
     lines = [f"Target {budget:.0%} MACs (unpruned teacher: {teacher_top1:.2%} top-1):", "",
-             head + " MACs | params |", "|---" * (head.count("|") + 1) + "|"]
-    for r in rows:
-        is_random = r["criterion"] == "random"
-        cells = [r["criterion"] + (f" ({len(r['runs'])} seeds)" if is_random else ""), _pct(r, "top1"),
-                 "—" if is_random else f"{(r['top1'] - rand['top1']) * 100:+.1f} pts"]
-        if bn:
-            cells += [_pct(r, "top1_bn"), "—" if is_random else f"{(r['top1_bn'] - rand['top1_bn']) * 100:+.1f} pts"]
-        cells += [f"{r['macs']:.1%}", f"{r['params']:.1%}"]
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    random = {k: next(r for r in by_steps[k] if r["criterion"] == "random") for k in counts}
+    for i, first in enumerate(by_steps[counts[0]]):
+        is_random = first["criterion"] == "random"
+        cells = [first["criterion"] + (f" ({len(first['runs'])} seeds)" if is_random else "")]
+        for k in counts:
+            r = by_steps[k][i]
+            cells += ([_pct(r, "top1_stale")] if k == 1 else []) + [_pct(r, "top1"), "—" if is_random else
+                                                                  f"{(r['top1'] - random[k]['top1']) * 100:+.1f} pts"]
+        last = by_steps[counts[-1]][i]
+        cells += [f"{last['macs']:.1%}", f"{last['params']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -304,8 +300,7 @@ def section(args, info, tables, elapsed) -> str:
                f"{args.weight_decay:g}, cosine, batch {args.batch}, no augmentation; seed {args.seed}); "
                f"test top-1 {info['top1']:.2%}")
     calib = (f"{args.calib_batches} batches of {args.calib_size} training images drawn with seed "
-             f"{args.seed} (the same batches for every gradient row); without labels the loss is "
-             f"cross-entropy against the teacher's own predictions, \"+labels\" rows use the true labels")
+             f"{args.seed}, the same for every row")
     return "\n".join([
         SECTION, "",
         f"Machine: {info['machine']}.",
@@ -313,14 +308,16 @@ def section(args, info, tables, elapsed) -> str:
         + (f"the teacher loaded from the cache; training it took {info['train_s'] / 60:.1f} min)." if info["cached"]
            else f"of which training the teacher {info['train_s'] / 60:.1f} min)."),
         "",
-        f"Teacher: {teacher}. One-shot `cpdfx.prune(teacher.eval(), x[:{args.calib_size}], macs=...)`, "
-        f"then top-1 on the full 10k test set in eval mode, no fine-tuning. Calibration for fisher/taylor: "
-        f"{calib}. random: `cpdfx.importance.Random(seed)` for seeds {', '.join(map(str, args.random_seeds))}; "
-        f"mean ± std (population). MACs and params: achieved shares of the teacher's." + (
-            f" \"After BN re-estimation\": the same slim model after {args.bn_batches} train-mode forwards "
-            f"(no gradients, no weight change) of {args.bn_batch} unlabelled training images each, disjoint from "
-            f"the calibration images, to refresh the batch-norm running statistics (momentum 0.1, as captured)."
-            if args.bn_batches > 0 else ""),
+        f"Teacher: {teacher}. Each cell is one call of `cpdfx.prune(teacher.eval(), x[:{args.calib_size}], "
+        f"macs=..., importance=..., calibration=..., steps=k)`, then top-1 on the full 10k test set in eval "
+        f"mode; no weight is trained. Calibration: {calib}. fisher and taylor score on it, without labels "
+        f"(cross-entropy against the teacher's own predictions) or with them (\"+labels\"); every criterion "
+        f"has its batch-norm running statistics re-estimated on its images after each round "
+        f"(`reestimate_bn`, the default when calibration is given). \"1 step, stale BN\": the one-round "
+        f"model before that re-estimation. With k steps, prune removes channels in k rounds along a geometric "
+        f"schedule, scoring the smaller graph again in each. random: `cpdfx.importance.Random(seed)` for seeds "
+        f"{', '.join(map(str, args.random_seeds))}; mean ± std (population). MACs and params: achieved shares "
+        f"of the teacher's, for the last step count.",
         "",
         *[t + "\n" for t in tables],
     ]).rstrip() + "\n"
@@ -360,10 +357,7 @@ def main():
     parser.add_argument("--calib-batches", type=int, default=16)
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--random-seeds", type=int, nargs="+", default=(0, 1, 2, 3, 4))
-    parser.add_argument("--bn-batches", type=int, default=30,
-                        help="also report top-1 after re-estimating batch-norm statistics on this many batches "
-                             "of unlabelled training images (0: don't)")
-    parser.add_argument("--bn-batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, nargs="+", default=(1, 5), help="prune rounds to compare")
     parser.add_argument("--oracle", action="store_true",
                         help="also rank-correlate each criterion with the loss increase of removing each channel")
     parser.add_argument("--oracle-images", type=int, default=1024)
@@ -380,13 +374,11 @@ def main():
     print(f"teacher: test top-1 {info['top1']:.4f}", file=sys.stderr)
 
     gen = torch.Generator().manual_seed(args.seed)
-    # calibration, oracle and batch-norm images: disjoint slices of one seeded permutation
+    # calibration and oracle images: disjoint slices of one seeded permutation
     order = torch.randperm(len(train[0]), generator=gen)
     n_calib, n_oracle = args.calib_batches * args.calib_size, args.oracle_images if args.oracle else 0
     pick = order[:n_calib]
     oracle_pick = order[n_calib:n_calib + n_oracle]
-    bn_images = (train[0][order[n_calib + n_oracle:n_calib + n_oracle + args.bn_batches * args.bn_batch]]
-                 if args.bn_batches > 0 else None)
     batches = [pick[i:i + args.calib_size] for i in range(0, len(pick), args.calib_size)]
     calib = [train[0][b] for b in batches]                       # inputs only: self-supervised loss
     calib_labelled = [(train[0][b], train[1][b]) for b in batches]  # (inputs, target)
@@ -397,9 +389,9 @@ def main():
 
     tables = []
     for budget in args.macs:
-        rows = rows_for(budget, teacher, example, calib, calib_labelled, args.random_seeds, test, bn_images,
-                        args.bn_batch)
-        tables.append(table(budget, rows, info["top1"]))
+        by_steps = {k: rows_for(budget, k, teacher, example, calib, calib_labelled, args.random_seeds, test)
+                    for k in args.steps}
+        tables.append(table(budget, by_steps, info["top1"]))
     if args.oracle:
         tables.append(oracle_table(teacher, example, calib, calib_labelled, train[0][oracle_pick],
                                    train[1][oracle_pick], args.macs[0], args.random_seeds))

@@ -160,7 +160,7 @@ def cmd_prune(args) -> None:
                                              generator=torch.Generator().manual_seed(0))
         calibration = [tuple(b) if args.labels else (b[0],) for _, b in zip(range(args.calibration_batches), loader)]
     slim = prune(model, x, **budget(args), importance=args.importance, calibration=calibration,
-                 round_to=args.round_to, min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
+                 steps=args.steps, reestimate_bn=args.reestimate_bn, round_to=args.round_to, min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
                  latency_options={"batch": args.latency_batch})
     out = Path(args.out)
     save(slim, out)
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="one-shot prune to a budget and save the slim model",
                        description="Prune a model once to a MACs, parameter or latency budget and save the "
-                                   "slim graph (.pt2) with its report. Gradient criteria (fisher, taylor) "
-                                   "score on batches of --data, or on the example input without it.")
+                                   "slim graph (.pt2) with its report. No weight is trained. Gradient criteria "
+                                   "(fisher, taylor) score on batches of --data, or on the example input "
+                                   "without it; the batch-norm statistics are re-estimated on those batches.")
     _model_args(p)
     _data_args(p)
     _budget_args(p)
@@ -312,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224 (default: from --data)")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--steps", type=int, default=1,
+                   help="prune in this many rounds, scoring the smaller graph again in each (default 1)")
+    p.add_argument("--no-bn-reestimate", dest="reestimate_bn", action="store_false",
+                   help="keep the batch-norm running statistics of the unpruned model")
     p.add_argument("--no-labels", dest="labels", action="store_false",
                    help="score against the model's own predictions, not the data's labels")
     p.add_argument("--out", default="slim.pt2", help="where to save the slim model (default slim.pt2)")

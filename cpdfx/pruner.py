@@ -49,20 +49,22 @@ class Pruner:
 
     model_or_gm: a module (captured here) or a cpdfx GraphModule;
     importance, calibration, loss_fn, ignore, overrides, min_keep, round_to: as
-        for cpdfx.prune; gradient criteria score from the batches seen through
+        for cpdfx.prune (`rules`, a prune.Constraints, replaces the last four);
+        gradient criteria score from the batches seen through
         `accumulate()` since the last step, or from `calibration` when none were.
     """
 
     def __init__(self, model_or_gm, example_inputs, importance="fisher", *, macs=None, params=None,
                  steps: int = 5, schedule: str = "geometric", calibration=None, loss_fn=None,
-                 ignore=(), overrides=None, min_keep=1, round_to: int = 1):
+                 ignore=(), overrides=None, min_keep=1, round_to: int = 1, rules: Constraints | None = None):
         check_budget(macs, params)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: give a positive number of pruning steps")
         self.targets = [(m, p) for m, p in zip(_shares(macs, steps, schedule), _shares(params, steps, schedule))]
-        self.rules = Constraints(tuple(ignore), dict(overrides or {}), min_keep, round_to)
+        self.rules = rules or Constraints(tuple(ignore), dict(overrides or {}), min_keep, round_to)
         self.criterion = resolve(importance)
-        self.example_inputs, self.calibration, self.loss_fn = example_inputs, calibration, loss_fn
+        self.example_inputs, self.loss_fn = example_inputs, loss_fn
+        self.calibration = list(calibration) if calibration is not None else None  # read at every step
         self.target = Target(macs, params)
         self.original = self.gm = capture(model_or_gm, example_inputs)
         self.comb = comb_pass(self.gm)

@@ -73,7 +73,12 @@ def format_report(report: dict) -> str:
     lines = [f"criterion {report['criterion']}; target {target}; achieved {achieved}",
              f"MACs   {m0 / 1e6:,.2f} M -> {m1 / 1e6:,.2f} M",
              f"params {p0 / 1e6:,.3f} M -> {p1 / 1e6:,.3f} M",
-             f"groups pruned {report['groups_pruned']} of {report['groups_prunable']}", ""]
+             f"groups pruned {report['groups_pruned']} of {report['groups_prunable']}"]
+    if len(report.get("steps", ())) > 1:
+        lines.append(f"pruned in {len(report['steps'])} steps; the groups table is the last step's")
+    if report.get("batch_norm_reestimated_on"):
+        lines.append(f"batch-norm statistics re-estimated on {report['batch_norm_reestimated_on']} calibration samples")
+    lines.append("")
     lines.append(_table(["layer", "before", "after"],
                         [[r["name"], "x".join(map(str, r["before"])), "x".join(map(str, r["after"]))]
                          for r in report["layers"]]))

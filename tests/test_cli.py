@@ -45,9 +45,11 @@ def test_prune_export_bench_chain(tmp_path):
 
 def test_prune_with_data_calibrates_on_it(tmp_path):
     result = run("prune", "cli_models:small_digits_net", "--data", "digits", "--macs", "0.5",
-                 "--calibration-batches", "2", "--out", str(tmp_path / "slim.pt2"))
+                 "--calibration-batches", "2", "--steps", "2", "--out", str(tmp_path / "slim.pt2"))
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "report.json").read_text())["criterion"] == "fisher"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["criterion"] == "fisher" and len(report["steps"]) == 2
+    assert report["batch_norm_reestimated_on"] == 2 * 32  # --calibration-batches x --batch-size
 
 
 def test_help_reads_well():
@@ -66,6 +68,7 @@ def test_help_reads_well():
     (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "0"], "in (0, 1]"),
     (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "1.5"], "in (0, 1]"),
     (["prune", "resnet", "--input-shape", "2,3,16,16"], "give a budget"),
+    (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "0.5", "--steps", "0"], "steps=0"),
     (["compress", "resnet", "--data", "/no/such/folder", "--macs", "0.5"], "unknown dataset"),
     (["export", "missing.pt2", "--input-shape", "2,3,16,16", "--out", "x.onnx"], "no such file"),
     (["bench", "README.md"], "cannot read README.md as an ONNX model"),

@@ -5,7 +5,9 @@ import torch
 
 import cpdfx
 import passes
+from cpdfx.batchnorm import reestimate_batch_norm
 from cpdfx.models import MODELS
+from helpers import assert_same_outputs, masked_original
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -69,10 +71,50 @@ def test_pruning_a_slim_model_again_composes_kept_indices():
     assert torch.equal(twice.get_submodule("stem.0").weight.detach(), original[kept2])
 
 
+def _images(n_batches=3, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 16, 16, generator=g) for _ in range(n_batches)]
+
+
+def test_pruning_in_steps_rescores_and_reaches_the_budget():
+    """Each round scores the graph the last one left; the kept indices compose
+    back to the original, which the masked original checks."""
+    torch.manual_seed(0)
+    model = MODELS["resnet"]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    calibration = (batch for batch in _images())  # a generator: read once per round all the same
+    slim = cpdfx.prune(model, x, macs=0.5, importance="fisher", calibration=calibration, steps=3,
+                       reestimate_bn=False)
+    report = slim.meta["cpdfx_report"]
+    assert [s["step"] for s in report["steps"]] == [1, 2, 3]
+    assert [round(s["macs"], 2) for s in report["steps"][:2]] == [0.79, 0.63]  # geometric: 0.5 ** (k / 3)
+    assert 0.48 <= report["achieved"]["macs"] <= 0.5
+    assert "batch_norm_reestimated_on" not in report
+    assert "pruned in 3 steps" in cpdfx.format_report(report)
+    assert_same_outputs(slim(x), masked_original(model, slim.meta["cpdfx_kept"])(x))
+
+
+def test_batch_norm_statistics_are_reestimated_on_the_calibration_inputs():
+    torch.manual_seed(0)
+    model = MODELS["resnet"]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    images = _images()
+    labelled = [(b, torch.randint(0, 10, (len(b),))) for b in images]  # the targets do not reach the statistics
+    slim = cpdfx.prune(model, x, macs=0.5, importance="l1", calibration=labelled)
+    stale = cpdfx.prune(model, x, macs=0.5, importance="l1", calibration=labelled, reestimate_bn=False)
+    assert slim.meta["cpdfx_report"]["batch_norm_reestimated_on"] == 24
+    assert "re-estimated on 24 calibration samples" in cpdfx.format_report(slim.meta["cpdfx_report"])
+    assert slim.meta["cpdfx_kept"] == stale.meta["cpdfx_kept"]
+    assert not torch.allclose(slim(x), stale(x))
+    reestimate_batch_norm(stale, [(b,) for b in images])
+    assert_same_outputs(slim(x), stale(x))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({}, "give a budget"), ({"macs": 0}, "in \\(0, 1\\]"), ({"macs": 1.5}, "in \\(0, 1\\]"),
     ({"params": -1}, "in \\(0, 1\\]"), ({"macs": 1e-6}, "cannot reach macs=1e-06: pruning every prunable group to its minimum"),
-    ({"macs": 0.5, "importance": "nope"}, "unknown importance")])
+    ({"macs": 0.5, "importance": "nope"}, "unknown importance"), ({"macs": 0.5, "steps": 0}, "positive number"),
+    ({"latency": 0.5, "steps": 2}, "solved in one round")])
 def test_bad_budgets_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cpdfx.prune(MODELS["vgg"]().eval(), torch.randn(2, 3, 16, 16), **kwargs)
