@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import cpdfx
-from cpdfx.data import fashion_mnist, to_float
 from cpdfx.batchnorm import reestimate_batch_norm
+from cpdfx.data import fashion_mnist, to_float
 from cpdfx.importance import Random, calibration_item
 from cpdfx.models import ResNetTiny
 
@@ -223,11 +223,10 @@ def oracle_table(teacher, example, calib, calib_labelled, images, labels, budget
     Within groups (mean over the prunable groups), and globally after the
     criterion's normalisation against the loss increase per unit of cost, which
     is what the global ranking compares."""
-    from passes import comb as comb_pass
-
     from cpdfx.cost import CostModel
     from cpdfx.importance import group_slices, normalise, resolve
     from cpdfx.prune import Target, score, unit_costs
+    from passes import comb as comb_pass
 
     gm = cpdfx.capture(teacher.eval(), example)
     groups = comb_pass(gm)

@@ -35,7 +35,8 @@ XX
     norms switch to batch statistics while the batches run: dropout and the
     rest of the graph keep their mode. Returns the number of samples seen
     (0, and nothing changed, when there were none or no batch norm). An
-    error or interrupt midway leaves the statistics as they were."""
+    error or interrupt midway, or statistics that come out non-finite
+    (ValueError), leave them as they were."""
     norms = batch_norms(gm)
     if not norms:
         return 0
@@ -58,6 +59,12 @@ XX
                 sums[n][0] += size * mean.double()
                 sums[n][1] += size * var.double()
             seen += size
+        for n in norms:
+            if seen and not all(torch.isfinite(t).all() for t in sums[n]):
+                raise ValueError(f"re-estimating batch-norm statistics gave non-finite values for "
+                                 f"{arg(n, 3, 'running_mean').target}: a batch of one sample has no variance "
+                                 f"where a batch norm sees one value per channel (after pooling); use "
+                                 f"calibration batches of two or more samples, or reestimate_bn=False")
     except BaseException:
         seen = 0  # a failed or interrupted pass leaves the statistics as they were
         raise

@@ -160,7 +160,8 @@ def cmd_prune(args) -> None:
                                              generator=torch.Generator().manual_seed(0))
         calibration = [tuple(b) if args.labels else (b[0],) for _, b in zip(range(args.calibration_batches), loader)]
     slim = prune(model, x, **budget(args), importance=args.importance, calibration=calibration,
-                 steps=args.steps, reestimate_bn=args.reestimate_bn, round_to=args.round_to, min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
+                 steps=args.steps, reestimate_bn=args.reestimate_bn, round_to=args.round_to,
+                 min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
                  latency_options={"batch": args.latency_batch})
     out = Path(args.out)
     save(slim, out)

@@ -73,3 +73,18 @@ def test_a_graph_without_batch_norm_is_left_alone():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LayerNorm(14)).eval()
     gm = cpdfx.capture(model, torch.randn(2, 3, 16, 16))
     assert reestimate_batch_norm(gm, _batches()) == 0
+
+
+def test_batches_of_one_behind_a_pooled_batch_norm_are_refused_not_nan():
+    """BatchNorm1d after global pooling sees one value per channel in a batch of
+    one: its variance is undefined, and the statistics must not become NaN."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(model, x)
+    before = _running_stats(gm)
+    with pytest.raises(ValueError, match="two or more samples"):
+        reestimate_batch_norm(gm, [(torch.randn(1, 3, 8, 8),)])
+    assert all(torch.equal(before[k], v) for k, v in _running_stats(gm).items())
+    assert torch.isfinite(gm(x)).all()

@@ -1,13 +1,12 @@
 """One-shot global pruning to MACs and parameter budgets."""
-import numpy as np
 import pytest
 import torch
+from helpers import assert_same_outputs, masked_original
 
 import cpdfx
 import passes
 from cpdfx.batchnorm import reestimate_batch_norm
 from cpdfx.models import MODELS
-from helpers import assert_same_outputs, masked_original
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
