@@ -282,7 +282,7 @@ class LearnedCallback(PruneCallback):
     def open_counts(self) -> dict:
         """Per free group, the channels whose gate is open, within the constraints."""
         rules, gates = self.pruner.rules, self.student.values()
-        return {g.id: rules.rounded(max(int(_open(gates[g.id], self.threshold).sum()), rules.floor(g.size)),
+        return {g.id: rules.rounded(max(int(_open(gates[g.id], self.threshold).sum()), rules.floor(g.size, g.id)),
                                     g.size) for g in self.free}
 
     def _cost_weights(self, counts: dict) -> dict:

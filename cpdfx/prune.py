@@ -47,11 +47,16 @@ class Constraints:
     overrides: {module or parameter name: share of channels to keep} for the
         groups those layers touch, taken out of the global ranking;
     min_keep: channels every group keeps at least: an int, or a share in (0, 1);
-    round_to: every pruned channel count a multiple of this (or the full size)."""
+    round_to: every pruned channel count a multiple of this (or the full size);
+    original_sizes: {group id: the group's size in the unpruned model}, for a
+        graph pruned before (the step-wise pruner sets it): the shares of
+        min_keep and overrides are of those sizes, so they do not compound
+        over steps. Groups not in it count from their current size."""
     ignore: tuple = ()
     overrides: dict = field(default_factory=dict)
     min_keep: int | float = 1
     round_to: int = 1
+    original_sizes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.ignore, str):
@@ -65,18 +70,23 @@ class Constraints:
             if not isinstance(share, (int, float)) or not 0 < share <= 1:
                 raise BudgetError(f"overrides[{name!r}]={share!r}: give the share of channels to keep, in (0, 1]")
 
-    def floor(self, size: int) -> int:
-        n = self.min_keep if isinstance(self.min_keep, int) else math.ceil(self.min_keep * size)
+    def floor(self, size: int, gid=None) -> int:
+        """The fewest channels group `gid`, now of `size`, may keep."""
+        n = self.min_keep if isinstance(self.min_keep, int) else math.ceil(self.min_keep * self._base(gid, size))
         return min(size, n)
+
+    def _base(self, gid, size: int) -> int:
+        """What shares are of: the group's original size."""
+        return self.original_sizes.get(gid, size)
 
     def rounded(self, n: int, size: int) -> int:
         r = self.round_to
         return min(size, math.ceil(n / r) * r) if r > 1 else n
 
-    def shrunk(self, n: int, size: int) -> int | None:
+    def shrunk(self, n: int, size: int, gid=None) -> int | None:
         """The next allowed count below n, or None when n is the minimum."""
         m = n - 1 if self.round_to == 1 else (n - 1) // self.round_to * self.round_to
-        return m if m >= self.rounded(self.floor(size), size) else None
+        return m if m >= self.rounded(self.floor(size, gid), size) else None
 
     def split(self, groups) -> tuple[list, dict]:
         """The groups the global ranking decides, and the fixed counts of overridden ones."""
@@ -86,7 +96,8 @@ class Constraints:
                 continue
             shares = [s for name, s in self.overrides.items() if _touches(g, (name,))]
             if shares:
-                fixed[g.id] = self.rounded(max(self.floor(g.size), math.ceil(max(shares) * g.size)), g.size)
+                share = math.ceil(max(shares) * self._base(g.id, g.size))
+                fixed[g.id] = self.rounded(min(g.size, max(self.floor(g.size, g.id), share)), g.size)
             else:
                 free.append(g)
         return free, fixed
@@ -98,7 +109,7 @@ def _touches(group, names) -> bool:
 
 def keep_counts(scores: dict, sizes: dict, threshold: float, rules: Constraints) -> dict:
     """Per group, how many channels score above threshold (within the constraints)."""
-    return {g: rules.rounded(max(int((s > threshold).sum()), rules.floor(sizes[g])), sizes[g])
+    return {g: rules.rounded(max(int((s > threshold).sum()), rules.floor(sizes[g], g)), sizes[g])
             for g, s in scores.items()}
 
 
@@ -167,7 +178,7 @@ def _trade(counts, ranked, sizes, rules, fits, used, rounds=3, depth=4, close=0.
             return counts
         for g, n in counts.items():
             for _ in range(depth):  # one to `depth` steps of g
-                n = rules.shrunk(n, sizes[g])
+                n = rules.shrunk(n, sizes[g], g)
                 if n is None:
                     break
                 trial = _fill({**counts, g: n}, ranked, sizes, rules, fits, hold=(g,))

@@ -17,6 +17,8 @@ the parameters were sliced, so training goes on without a restart.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -26,7 +28,7 @@ from passes import eliminate, kept_indices
 
 from .capture import capture
 from .cost import CostModel
-from .importance import resolve
+from .importance import group_slices, resolve
 from .prune import REPORT, Constraints, Target, check_budget, plan, score
 from .report import build_report
 
@@ -95,8 +97,9 @@ class Pruner:
         seen = not self.criterion.needs_gradients or self.criterion.batches > 0
         scores = (self.criterion.scores(self.gm, self.comb) if seen else
                   score(self.criterion, self.gm, self.comb, self.example_inputs, self.calibration, self.loss_fn))
+        rules = replace(self.rules, original_sizes=original_sizes(self.original, self.gm, self.comb))
         chosen = plan(self.gm, self.comb, self.example_inputs, **shares, importance=self.criterion,
-                      rules=self.rules, scores=scores)
+                      rules=rules, scores=scores)
         self.keeps.append(_plain_keep(chosen.keep))
         slim = eliminate(self.gm, self.comb, chosen.keep)
         if optimizer is not None:
@@ -152,6 +155,20 @@ class Pruner:
         self.criterion.reset()
         self.steps_done += 1
         return slim
+
+
+def original_sizes(original: fx.GraphModule, gm: fx.GraphModule, comb) -> dict:
+    """Each prunable group's size in `original`, the graph gm was pruned from,
+    read off a parameter dim the group fills alone: elimination removes whole
+    channels, so the dim shrank by the same factor as the group."""
+    shapes = {name: p.shape for name, p in original.named_parameters()}
+    sizes = {}
+    for g in comb.prunable:
+        for name, d, tensor, coords in group_slices(gm, comb, g):
+            if name in shapes and (coords >= 0).all():
+                sizes[g.id] = round(g.size * shapes[name][d] / tensor.shape[d])
+                break
+    return sizes
 
 
 def _plain_keep(keep: dict) -> dict:

@@ -1,4 +1,6 @@
 """One-shot global pruning to MACs and parameter budgets."""
+import math
+
 import pytest
 import torch
 from helpers import assert_same_outputs, masked_original
@@ -91,6 +93,20 @@ def test_pruning_in_steps_rescores_and_reaches_the_budget():
     assert "batch_norm_reestimated_on" not in report
     assert "pruned in 3 steps" in cpdfx.format_report(report)
     assert_same_outputs(slim(x), masked_original(model, slim.meta["cpdfx_kept"])(x))
+
+
+def test_shares_in_the_constraints_do_not_compound_over_steps():
+    """min_keep and overrides are shares of the original group: five rounds
+    keep what one round keeps, not the share of a share of a share."""
+    model = MODELS["resnet"]().eval()
+    x = torch.randn(2, 3, 16, 16)
+    slim = cpdfx.prune(model, x, macs=0.6, steps=5, overrides={"stem.0": 0.5}, min_keep=0.4)
+    assert 0.58 <= slim.meta["cpdfx_report"]["achieved"]["macs"] <= 0.6
+    kept = slim.meta["cpdfx_kept"]
+    assert len(kept["stem.0.weight"][0]) == 8  # half of 16
+    for name, p in model.named_parameters():
+        if p.dim() == 4 and 0 in kept.get(name, {}):
+            assert len(kept[name][0]) >= math.ceil(0.4 * p.shape[0]), name
 
 
 def test_batch_norm_statistics_are_reestimated_on_the_calibration_inputs():
