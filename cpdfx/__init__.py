@@ -4,6 +4,7 @@ capture -> comb -> importance -> budget -> eliminate, on torch.fx graphs from to
 """
 from passes import comb, eliminate, set_mode
 
+from .batchnorm import reestimate_batch_norm
 from .bench import BenchResult, bench
 from .capture import CaptureError, capture
 from .compress import CompressResult, compress
@@ -19,7 +20,7 @@ from .report import format_report
 
 __version__ = "0.1.0"
 
-__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Criterion",
-           "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
+__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost",
+           "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
            "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
-           "load", "prune", "resolve_data", "save", "set_mode", "slice_optimizer"]
+           "load", "prune", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer"]

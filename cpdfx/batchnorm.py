@@ -30,8 +30,8 @@ def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
 @torch.no_grad()
 def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
     """Replace the running statistics of gm's batch norms by their average
-    over `batches` (tuples of inputs), each batch weighted by its size, as
-XX
+    over `batches` (tuples of inputs), each batch weighted by its size (for
+    batches of one size, what torch's momentum=None computes). Only the batch
     norms switch to batch statistics while the batches run: dropout and the
     rest of the graph keep their mode. Returns the number of samples seen
     (0, and nothing changed, when there were none or no batch norm). An
