@@ -107,7 +107,7 @@ class Pruner:
         self.history.append({"step": self.steps_done + 1, "macs": chosen.after.macs / self.base.macs,
                              "params": chosen.after.params / self.base.params})
         slim.meta[REPORT] = build_report(self.original, slim, self.comb, chosen, self.criterion,
-                                         self.target, self.example_inputs)
+                                         self.target, self.example_inputs, original_sizes=rules.original_sizes)
         slim.meta[REPORT]["steps"] = list(self.history)
         self.gm, self.comb = slim, comb_pass(slim)
         self.criterion.reset()

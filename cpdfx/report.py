@@ -11,9 +11,11 @@ import numpy as np
 
 
 def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=None,
-                 latency_model=None) -> dict:
+                 latency_model=None, original_sizes=None) -> dict:
     """The report of pruning `gm` into `slim`; `chosen` is the plan (prune.Plan)
-    that was made on `groups` (the comb of the graph it was applied to)."""
+    that was made on `groups` (the comb of the graph it was applied to), and
+    original_sizes gives those groups' sizes in gm when that graph was already
+    smaller (the step-wise pruner's later steps)."""
     from .cost import cost
 
     before = cost(gm, example_inputs)
@@ -27,7 +29,7 @@ def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=Non
         "groups_pruned": len(chosen.keep),
         "groups_prunable": chosen.groups_prunable,
         "layers": _layers(gm, slim),
-        "groups": _groups(groups, chosen),
+        "groups": _groups(groups, chosen, original_sizes or {}),
     }
     if latency_model is not None:
         report["achieved"]["latency_estimate"] = latency_model(chosen.counts) / latency_model()
@@ -45,12 +47,12 @@ def _layers(gm, slim) -> list:
     return rows
 
 
-def _groups(groups, chosen) -> list:
+def _groups(groups, chosen, original_sizes) -> list:
     rows = []
     for g in groups.prunable:
         kept = chosen.counts.get(g.id, g.size)
         s = chosen.scores.get(g.id)
-        row = {"id": g.id, "size": [g.size, kept], "layers": g.layers[:3] + (["..."] if len(g.layers) > 3 else [])}
+        row = {"id": g.id, "size": [original_sizes.get(g.id, g.size), kept], "layers": g.layers[:3] + (["..."] if len(g.layers) > 3 else [])}
         if s is not None and kept < g.size:
             order = np.argsort(-s, kind="stable")
             row["score_kept"] = float(np.mean(s[order[:kept]]))
@@ -75,7 +77,7 @@ def format_report(report: dict) -> str:
              f"params {p0 / 1e6:,.3f} M -> {p1 / 1e6:,.3f} M",
              f"groups pruned {report['groups_pruned']} of {report['groups_prunable']}"]
     if len(report.get("steps", ())) > 1:
-        lines.append(f"pruned in {len(report['steps'])} steps; the groups table is the last step's")
+        lines.append(f"pruned in {len(report['steps'])} steps; the groups' scores are the last step's")
     if report.get("batch_norm_reestimated_on"):
         lines.append(f"batch-norm statistics re-estimated on {report['batch_norm_reestimated_on']} calibration samples")
     lines.append("")

@@ -104,6 +104,8 @@ def test_shares_in_the_constraints_do_not_compound_over_steps():
     assert 0.58 <= slim.meta["cpdfx_report"]["achieved"]["macs"] <= 0.6
     kept = slim.meta["cpdfx_kept"]
     assert len(kept["stem.0.weight"][0]) == 8  # half of 16
+    sizes = [g["size"] for g in slim.meta["cpdfx_report"]["groups"]]  # original -> final, not the last step's
+    assert [16, 8] in sizes and {before for before, _ in sizes} == {16, 32, 64}
     for name, p in model.named_parameters():
         if p.dim() == 4 and 0 in kept.get(name, {}):
             assert len(kept[name][0]) >= math.ceil(0.4 * p.shape[0]), name
