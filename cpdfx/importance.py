@@ -185,7 +185,7 @@ class Fisher(_GradientCriterion):
 
 
 class Taylor(_GradientCriterion):
-    """First-order Taylor: |mask gradient| of each batch, summed over batches.
+    """First-order Taylor: |mask gradient| of each batch, averaged over batches.
     The absolute value is taken per batch, not of the sum: on a converged model
     the signed gradients of different batches cancel (their mean is about the
     zero gradient of the training loss), leaving noise to rank by."""

@@ -52,7 +52,8 @@ def _groups(groups, chosen, original_sizes) -> list:
     for g in groups.prunable:
         kept = chosen.counts.get(g.id, g.size)
         s = chosen.scores.get(g.id)
-        row = {"id": g.id, "size": [original_sizes.get(g.id, g.size), kept], "layers": g.layers[:3] + (["..."] if len(g.layers) > 3 else [])}
+        row = {"id": g.id, "size": [original_sizes.get(g.id, g.size), kept],
+               "layers": g.layers[:3] + (["..."] if len(g.layers) > 3 else [])}
         if s is not None and kept < g.size:
             order = np.argsort(-s, kind="stable")
             row["score_kept"] = float(np.mean(s[order[:kept]]))
