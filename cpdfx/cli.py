@@ -276,6 +276,16 @@ def _budget_args(p):
     p.add_argument("--ignore", nargs="*", help="layer names whose channels are all kept")
 
 
+def _training_args(p, out: str) -> None:
+    """What every command that distils takes: the schedule, labels, the output folder, resuming."""
+    p.add_argument("--epochs", type=int, default=5, help="distillation epochs (default 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (AdamW)")
+    p.add_argument("--no-labels", dest="labels", action="store_false", help="distil without labels")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpdfx", description="Make vision models smaller and faster: capture a model as a torch.fx "
@@ -292,13 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=True)
     _budget_args(p)
     p.add_argument("--input-shape", help="example input shape (default: from the data)")
-    p.add_argument("--epochs", type=int, default=5, help="distillation epochs (default 5)")
+    _training_args(p, out="cpdfx-out")
     p.add_argument("--prune-steps", type=int, default=5, help="pruning steps in the first half (default 5)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (AdamW)")
-    p.add_argument("--no-labels", dest="labels", action="store_false", help="distil without labels")
-    p.add_argument("--out", default="cpdfx-out", help="output folder (default cpdfx-out)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("prune", help="one-shot prune to a budget and save the slim model",
@@ -329,12 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "student")
     p.add_argument("teacher", help="the teacher model, in the same forms as the student")
     _data_args(p, required=True)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--no-labels", dest="labels", action="store_false", help="distil without labels")
-    p.add_argument("--out", default="cpdfx-distill", help="output folder (default cpdfx-distill)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _training_args(p, out="cpdfx-distill")
     p.set_defaults(run=cmd_distill)
 
     p = sub.add_parser("export", help="export a model to ONNX, checked against onnxruntime",
