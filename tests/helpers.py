@@ -50,3 +50,17 @@ def assert_same_outputs(a, b, atol=1e-5):
         if isinstance(x, torch.Tensor):
             assert x.shape == y.shape, f"shape {tuple(x.shape)} vs {tuple(y.shape)}"
             torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
+
+
+def assert_vgg_trains(gm, x) -> int:
+    """Switch VGGTiny's graph to train mode and check it behaves so: a forward
+    counts one batch in features.0.1, and dropout makes two forwards differ.
+    Returns the batch count from before."""
+    gm.train()
+    before = int(gm.get_submodule("features.0.1").num_batches_tracked)
+    torch.manual_seed(1)
+    a = gm(x)
+    assert int(gm.get_submodule("features.0.1").num_batches_tracked) == before + 1
+    torch.manual_seed(2)
+    assert not torch.allclose(a, gm(x))  # dropout is on
+    return before

@@ -8,7 +8,7 @@ import cpdfx
 import passes
 from cpdfx import zoo
 from cpdfx.models import MODELS
-from helpers import assert_same_outputs
+from helpers import assert_same_outputs, assert_vgg_trains
 
 
 class DataDependent(nn.Module):
@@ -63,14 +63,7 @@ def test_mode_is_kept_and_switchable():
     with torch.no_grad():
         assert_same_outputs(gm(x), model(x))  # running statistics, no dropout
         assert_same_outputs(gm(x), gm(x))
-    gm.train()
-    counter = gm.get_submodule("features.0.1").num_batches_tracked
-    before = int(counter)
-    torch.manual_seed(1)
-    a = gm(x)
-    assert int(gm.get_submodule("features.0.1").num_batches_tracked) == before + 1
-    torch.manual_seed(2)
-    assert not torch.allclose(a, gm(x))  # dropout is back
+    assert_vgg_trains(gm, x)  # batch counting and dropout are back
 
 
 def test_graph_captured_in_eval_can_train():
