@@ -6,7 +6,9 @@ setup(
     description="Compile-time structured pruning of PyTorch vision models on torch.fx graphs",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=["cpdfx", "passes"],
+    # passes/ is the graph-pass folder of the design; it installs as cpdfx.passes through
+    # the link cpdfx/passes -> ../passes, so no top-level `passes` lands in site-packages
+    packages=["cpdfx", "cpdfx.passes"],
     python_requires=">=3.10",
     # torch is pinned in constraints.txt (the CPU wheel); see README
     install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "sympy", "tqdm", "pillow",

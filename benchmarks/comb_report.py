@@ -12,7 +12,7 @@ import time
 import torch
 
 import cpdfx
-import passes
+from cpdfx import passes
 from cpdfx import zoo
 from cpdfx.cost import CostModel
 from cpdfx.models import MODELS

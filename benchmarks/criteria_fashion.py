@@ -226,7 +226,7 @@ def oracle_table(teacher, example, calib, calib_labelled, images, labels, budget
     from cpdfx.cost import CostModel
     from cpdfx.importance import group_slices, normalise, resolve
     from cpdfx.prune import Target, score, unit_costs
-    from passes import comb as comb_pass
+    from cpdfx.passes import comb as comb_pass
 
     gm = cpdfx.capture(teacher.eval(), example)
     groups = comb_pass(gm)

@@ -2,7 +2,7 @@
 
 capture -> comb -> importance -> budget -> eliminate, on torch.fx graphs from torch.export.
 """
-from passes import comb, eliminate, set_mode
+from .passes import comb, eliminate, set_mode
 
 from .batchnorm import reestimate_batch_norm
 from .bench import BenchResult, bench

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from passes.rules import arg, set_arg
+from .passes.rules import arg, set_arg
 
 aten = torch.ops.aten
 

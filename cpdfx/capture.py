@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils import _pytree as pytree
 
-from passes.mode import CAPTURED_TRAINING, set_mode
+from .passes.mode import CAPTURED_TRAINING, set_mode
 
 CAPTURED = "cpdfx_captured"
 

@@ -138,7 +138,7 @@ def write_report(report: dict, out: Path) -> None:
 # -- subcommands -----------------------------------------------------------------------------
 
 def cmd_inspect(args) -> None:
-    from passes import comb
+    from .passes import comb
 
     from . import capture
     model = load_model(args.model, args.task).eval()

@@ -15,8 +15,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from passes.comb import hints
-from passes.rules import resolve_op
+from .passes.comb import hints
+from .passes.rules import resolve_op
 
 from .capture import as_tuple, capture, is_captured
 

@@ -25,8 +25,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from passes import set_mode
-from passes.eliminate import KEPT
+from .passes import set_mode
+from .passes.eliminate import KEPT
 
 from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, is_captured
 from .cost import batch_values, concrete, cost

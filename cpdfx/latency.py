@@ -36,7 +36,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from passes.rules import arg
+from .passes.rules import arg
 
 from .cost import batch_values, concrete, mac_terms_by_node
 

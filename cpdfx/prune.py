@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from passes import comb as comb_pass
-from passes import eliminate
+from .passes import comb as comb_pass
+from .passes import eliminate
 
 from .batchnorm import reestimate_batch_norm
 from .capture import as_tuple, capture

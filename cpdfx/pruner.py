@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from passes import comb as comb_pass
-from passes import eliminate, kept_indices
+from .passes import comb as comb_pass
+from .passes import eliminate, kept_indices
 
 from .capture import capture
 from .cost import CostModel

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cpdfx
-import passes
+from cpdfx import passes
 from helpers import assert_same_outputs
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import cpdfx
-import passes
+from cpdfx import passes
 from cpdfx import zoo
 from cpdfx.models import MODELS
 from helpers import assert_same_outputs, assert_vgg_trains

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cpdfx
-import passes
+from cpdfx import passes
 from cpdfx import zoo
 from cpdfx.models import MODELS
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 import cpdfx
-import passes
+from cpdfx import passes
 from cpdfx import export as export_module
 from cpdfx import zoo
 from cpdfx.capture import is_captured

@@ -6,7 +6,7 @@ import torch
 
 import cpdfx
 import cpdfx.latency as latency
-import passes
+from cpdfx import passes
 from cpdfx.models import MODELS
 
 

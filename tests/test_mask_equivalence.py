@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cpdfx
-import passes
+from cpdfx import passes
 from cpdfx.models import MODELS
 from helpers import assert_same_outputs, masked_original, random_keep
 

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cpdfx
-import passes
+from cpdfx import passes
 from helpers import assert_same_outputs, masked_original, random_keep
 
 OPS = ["conv", "grouped", "depthwise", "add", "cat", "split", "gate", "pool", "bn_relu"]

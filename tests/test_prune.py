@@ -6,7 +6,7 @@ import torch
 from helpers import assert_same_outputs, masked_original
 
 import cpdfx
-import passes
+from cpdfx import passes
 from cpdfx.batchnorm import reestimate_batch_norm
 from cpdfx.models import MODELS
 

@@ -5,7 +5,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import cpdfx
-import passes
+from cpdfx import passes
 from cpdfx import zoo
 
 FAMILIES = sorted(zoo.FAMILIES)
