@@ -94,8 +94,10 @@ def _explain(model, err, dynamic_batch) -> str:
     first = first.rstrip(".")
     if len(first) > 300:
         first = first[:297] + "..."
-    hint = (" If the message is about the batch dimension, try dynamic_batch=False (the slim model "
-            "will then take only the example's batch size)." if dynamic_batch else "")
+    hint = (" If the message is about the batch dimension, capture it in Python with "
+            "cpdfx.capture(model, x, dynamic_batch=False) and pass that graph on (the slim model will then "
+            "take only the example's batch size; the cpdfx command always keeps the batch dynamic)."
+            if dynamic_batch else "")
     return (f"cpdfx could not capture {type(model).__name__} as a graph: torch.export failed with "
             f"{type(err).__name__}: {first}. cpdfx needs a model whose forward torch.export can "
             f"trace with the example inputs given: Python control flow that depends on tensor "

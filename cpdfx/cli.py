@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import torch
 
 from .capture import CaptureError
 from .data import DataError
-from .export import ExportError, LoadError
+from .export import ExportError, LoadError, first_line
+from .files import write_json
 from .prune import BudgetError
 
 TASKS = ("classification", "segmentation")
+FILE, FOLDER = False, True  # what a subcommand's output arguments name (its `outputs` default)
 
 
 class UsageError(Exception):
@@ -42,7 +45,7 @@ def load_model(spec: str, task: str = "classification") -> torch.nn.Module:
     from .models import MODELS
     name, kwargs = _call(spec)
     if name in MODELS:
-        return MODELS[name](**kwargs)
+        return _build(spec, MODELS[name], kwargs)
     if spec.endswith(".pt2"):
         from .export import load
         return load(spec)
@@ -56,10 +59,17 @@ def load_model(spec: str, task: str = "classification") -> torch.nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise UsageError(f"cannot load model {spec!r}: {err}") from None
-    model = factory(**kwargs)
+    model = _build(spec, factory, kwargs)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _build(spec: str, factory, kwargs: dict):
+    try:
+        return factory(**kwargs)
+    except TypeError as err:  # arguments the factory does not take
+        raise UsageError(f"cannot build {spec!r}: {err}") from None
 
 
 def _call(spec: str) -> tuple[str, dict]:
@@ -129,10 +139,32 @@ def count_or_share(value: float):
     return int(value) if value >= 1 else value
 
 
-def write_report(report: dict, out: Path) -> None:
+def check_writable(path, folder: bool) -> None:
+    """Refuse, before any work, an output that cannot be written: the folder that
+    would hold it (the nearest one that exists) is probed with a real temporary
+    file, since a read-only file system or a missing permission shows only then."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path}: it is a file, and this command writes a folder there")
+    if not folder and path.is_dir():
+        raise UsageError(f"--out {path}: it is a folder; give the file to write, e.g. {path / 'model'}")
+    parent = path if folder else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err} in {parent}") from None
+
+
+def write_report(report: dict, path: Path) -> None:
     from .report import format_report
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(format_report(report))
+    write_json(path, report)
+    print(f"\nreport written to {path}")
 
 
 # -- subcommands -----------------------------------------------------------------------------
@@ -165,8 +197,8 @@ def cmd_prune(args) -> None:
                  latency_options={"batch": args.latency_batch})
     out = Path(args.out)
     save(slim, out)
-    write_report(slim.meta["cpdfx_report"], out.parent)
     print(f"\nslim model saved to {out}")
+    write_report(slim.meta["cpdfx_report"], out.with_name(out.stem + ".report.json"))
 
 
 def cmd_distill(args) -> None:
@@ -191,15 +223,14 @@ def cmd_export(args) -> None:
 
 def cmd_bench(args) -> None:
     from . import bench
-    models = {}
+    models, protos = {}, []
     for path in args.onnx:
         name, _, file = path.rpartition("=") if "=" in path else (Path(path).stem, "", path)
-        if not Path(file).is_file():
-            raise UsageError(f"no ONNX file at {file!r}")
         models[name] = file
-    shape = parse_shape(args.input_shape)[1:] if args.input_shape else None
-    result = bench(models, shape or _onnx_shape(next(iter(models.values()))), batch_sizes=_ints(args.batch_sizes),
-                   threads=args.threads, repeats=args.repeats)
+        protos.append(_read_onnx(file))
+    first = next(iter(models.values()))
+    shape = parse_shape(args.input_shape)[1:] if args.input_shape else _onnx_shape(protos[0], first)
+    result = bench(models, shape, batch_sizes=_ints(args.batch_sizes), threads=args.threads, repeats=args.repeats)
     print(result.markdown())
     if args.out:
         result.to_json(args.out)
@@ -207,12 +238,27 @@ def cmd_bench(args) -> None:
         result.plot(args.plot)
 
 
-def _onnx_shape(path) -> tuple:
+def _read_onnx(path):
+    """The model at path, refused here when onnxruntime could not run it: before
+    any timing starts, and naming the file."""
     import onnx
+    import onnxruntime as ort
+    if not Path(path).is_file():
+        raise UsageError(f"no ONNX file at {path!r}")
     try:
-        dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    except Exception as err:  # onnx raises its own DecodeError and others for a damaged file
-        raise UsageError(f"cannot read {path} as an ONNX model: {type(err).__name__}: {err}") from None
+        proto = onnx.load(path, load_external_data=False)
+        onnx.checker.check_model(proto)
+        ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnx and onnxruntime raise their own kinds for a damaged file
+        raise UsageError(f"cannot read {path} as an ONNX model: {type(err).__name__}: "
+                         f"{first_line(err)}") from None
+    if len(proto.graph.input) != 1:
+        raise UsageError(f"bench times models with one input; {path} has {len(proto.graph.input)}")
+    return proto
+
+
+def _onnx_shape(proto, path) -> tuple:
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value for d in dims[1:])
     if not shape or any(s <= 0 for s in shape):
         raise UsageError(f"{path} has no fixed input shape: give --input-shape")
@@ -304,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="example input shape (default: from the data)")
     _training_args(p, out="cpdfx-out")
     p.add_argument("--prune-steps", type=int, default=5, help="pruning steps in the first half (default 5)")
-    p.set_defaults(run=cmd_compress)
+    p.set_defaults(run=cmd_compress, outputs={"out": FOLDER})
 
     p = sub.add_parser("prune", help="one-shot prune to a budget and save the slim model",
                        description="Prune a model once to a MACs, parameter or latency budget and save the "
@@ -325,8 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the batch-norm running statistics of the unpruned model")
     p.add_argument("--no-labels", dest="labels", action="store_false",
                    help="score against the model's own predictions, not the data's labels")
-    p.add_argument("--out", default="slim.pt2", help="where to save the slim model (default slim.pt2)")
-    p.set_defaults(run=cmd_prune)
+    p.add_argument("--out", default="slim.pt2",
+                   help="where to save the slim model (default slim.pt2); its report goes beside it, as "
+                        "slim.report.json for slim.pt2")
+    p.set_defaults(run=cmd_prune, outputs={"out": FILE})
 
     p = sub.add_parser("distill", help="train a (slim) student from a teacher",
                        description="Distil a student (usually a slim *.pt2 from `cpdfx prune`) from a "
@@ -335,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("teacher", help="the teacher model, in the same forms as the student")
     _data_args(p, required=True)
     _training_args(p, out="cpdfx-distill")
-    p.set_defaults(run=cmd_distill)
+    p.set_defaults(run=cmd_distill, outputs={"out": FOLDER})
 
     p = sub.add_parser("export", help="export a model to ONNX, checked against onnxruntime",
                        description="Export a model's eval behaviour to ONNX with a dynamic batch; the "
@@ -344,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", required=True, help="example input shape, e.g. 2,3,224,224")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.set_defaults(run=cmd_export)
+    p.set_defaults(run=cmd_export, outputs={"out": FILE})
 
     p = sub.add_parser("bench", help="time ONNX models side by side in onnxruntime",
                        description="Time ONNX models in onnxruntime (CPU, and CUDA when present) in "
@@ -356,14 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG plot here")
-    p.set_defaults(run=cmd_bench)
+    p.set_defaults(run=cmd_bench, outputs={"out": FILE, "plot": FILE})
 
     p = sub.add_parser("inspect", help="print the channel groups of a model",
                        description="Capture a model and print its channel groups: size, whether "
                                    "prunable (or why not), and the parameter dims each one touches.")
     _model_args(p)
     p.add_argument("--input-shape", default="2,3,32,32", help="example input shape (default 2,3,32,32)")
-    p.set_defaults(run=cmd_inspect)
+    p.set_defaults(run=cmd_inspect, outputs={})
 
     p = sub.add_parser("demo", help="the main job on built-in defaults (Fashion-MNIST)",
                        description="Train a small ResNet on Fashion-MNIST (digits when it is absent), "
@@ -373,12 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", default="fisher")
     p.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
     p.add_argument("--out", default="cpdfx-demo", help="output folder (default cpdfx-demo)")
-    p.set_defaults(run=cmd_demo)
+    p.set_defaults(run=cmd_demo, outputs={"out": FOLDER})
     return parser
 
 
 USER_ERRORS = (UsageError, CaptureError, BudgetError, DataError, ExportError, LoadError, ValueError,
-               FileNotFoundError)
+               OSError)  # OSError: a file that cannot be read or written (missing, read-only, disk full)
 
 
 def main(argv=None) -> int:
@@ -386,6 +434,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's pytree deprecations, per copy
     torch._logging.set_logs(all=logging.CRITICAL)  # torch.export's own notes; failures get ours
     try:
+        for dest, folder in args.outputs.items():
+            if getattr(args, dest, None) is not None:
+                check_writable(getattr(args, dest), folder)
         args.run(args)
     except USER_ERRORS as err:
         print(f"cpdfx {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -12,6 +12,7 @@ lets a resumed or distributed run see exactly the data of a single one.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import os
@@ -129,12 +130,17 @@ class ImageSet(Augmented):
 def read_idx(path) -> np.ndarray:
     """An IDX file (the MNIST format; gzipped or not) as a uint8 array."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; a cut .gz ends in EOFError
+        raise DataError(f"cannot read {path}: {type(err).__name__}: {err}; the file is corrupt") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes: it should start with the magic "
                         f"bytes 00 00 08 followed by the number of dims")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} ends inside its header ({ndim} dims declared): the file is truncated")
     shape = tuple(int(d) for d in np.frombuffer(data, ">i4", ndim, offset=4))
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -232,11 +238,25 @@ def _size(image_size) -> tuple[int, int] | None:
     return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
 
+@contextlib.contextmanager
+def open_image(path: Path):
+    """Pillow's image at path; a file it cannot decode (corrupt, truncated, not an
+    image) is a DataError that names the file, wherever in the work it is read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            yield img
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's decoders raise these for bad files
+        raise DataError(f"cannot read the image {path}: {type(err).__name__}: {err}. Replace or remove "
+                        f"the file and run again.") from None
+
+
 def load_image(path: Path, mode: str, size=None) -> torch.Tensor:
     """An image file as a float (C, H, W) tensor in [0, 1], resized bilinearly to size (h, w)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img = img.convert(mode)
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
@@ -250,7 +270,7 @@ def load_mask(path: Path, size=None) -> torch.Tensor:
     long (H, W) tensor, resized with nearest neighbour so no class is invented."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with open_image(path) as img:
         if img.mode not in ("L", "P", "I", "I;16"):
             raise DataError(f"mask {path} has mode {img.mode}: masks must be class-index images "
                             f"(grayscale 'L' or palette 'P' PNGs whose pixel values are class ids), "

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import json
+import logging
 import os
-import tempfile
 import warnings
 import zipfile
 
@@ -30,6 +31,7 @@ from .passes.eliminate import KEPT
 
 from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, is_captured
 from .cost import batch_values, concrete, cost
+from .files import atomic_path
 from .prune import REPORT
 
 META_FILE = "cpdfx.json"
@@ -78,7 +80,7 @@ def export_onnx(model, example_inputs, path, *, opset: int = 17, atol: float = 1
         onnx.checker.check_model(proto)
     except Exception as err:  # the exporter and checker raise many kinds; all mean "no file"
         raise ExportError(f"cpdfx could not export {_describe(model)} to ONNX (opset {opset}): "
-                          f"{type(err).__name__}: {_first_line(err)}. Ops without an ONNX "
+                          f"{type(err).__name__}: {first_line(err)}. Ops without an ONNX "
                           f"translation at this opset stop the exporter; a newer opset (up to 20) "
                           f"may have one.") from err
     _check_parity(proto, dict(zip(inputs, bigger)), dict(zip(outputs, expected)), atol, rtol)
@@ -88,7 +90,7 @@ def export_onnx(model, example_inputs, path, *, opset: int = 17, atol: float = 1
         props["cpdfx.report"] = json.dumps(gm.meta[REPORT])
     props.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     onnx.helper.set_model_props(proto, props)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(proto.SerializeToString())
     return str(path)
@@ -184,10 +186,11 @@ def save(gm: fx.GraphModule, path) -> str:
         program = torch.export.export(train_form, args, dynamic_shapes=dynamic)
     except Exception as err:  # torch.export raises many kinds; all mean "cannot save"
         raise ExportError(f"cpdfx could not save the graph: torch.export failed with "
-                          f"{type(err).__name__}: {_first_line(err)}. cpdfx.save re-exports the "
+                          f"{type(err).__name__}: {first_line(err)}. cpdfx.save re-exports the "
                           f"graph with a dynamic batch; a graph edited by hand may not allow it.") from err
-    meta = {"training": gm.training, "kept": gm.meta.get(KEPT), "report": gm.meta.get(REPORT)}
-    with _atomic(path) as tmp:
+    meta = {"training": gm.training, "kept": gm.meta.get(KEPT), "report": gm.meta.get(REPORT),
+            "pytree_types": _pytree_types(gm)}
+    with atomic_path(path) as tmp:
         torch.export.save(program, tmp, extra_files={META_FILE: json.dumps(meta)})
     return str(path)
 
@@ -199,16 +202,15 @@ def load(path) -> fx.GraphModule:
     if not zipfile.is_zipfile(path):  # checked here: torch.export.load logs a traceback for it
         raise LoadError(f"cpdfx could not load {os.fspath(path)!r}: it is not a .pt2 file (those are "
                         f"zip archives). cpdfx.load reads the .pt2 files cpdfx.save writes.")
-    extra = {META_FILE: ""}
-    try:
-        program = torch.export.load(path, extra_files=extra)
-    except Exception as err:  # torch.export.load raises many kinds; all mean "not a .pt2"
-        raise LoadError(f"cpdfx could not load {os.fspath(path)!r}: {type(err).__name__}: "
-                        f"{_first_line(err)}. cpdfx.load reads the .pt2 files cpdfx.save writes.") from err
-    if not extra[META_FILE]:
-        raise LoadError(f"{os.fspath(path)!r} is a torch.export file but not one cpdfx.save wrote "
-                        f"(it has no {META_FILE}); load it with torch.export.load instead.")
-    meta = json.loads(extra[META_FILE])
+    meta = _read_meta(path)
+    _import_pytree_types(path, meta.get("pytree_types", ()))
+    with _captured_log("torch.export") as logged:  # where torch.export.load puts the real cause
+        try:
+            program = torch.export.load(path)
+        except Exception as err:  # torch.export.load raises many kinds; all mean "cannot load"
+            cause = _last_error_line(logged.getvalue()) or f"{type(err).__name__}: {first_line(err)}"
+            raise LoadError(f"cpdfx could not load {os.fspath(path)!r}: {cause}. cpdfx.load reads the .pt2 "
+                            f"files cpdfx.save writes, with the packages the model came from installed.") from err
     gm = program.module()
     _install_mode_switch(gm, True)  # saved in train form: the train values are the graph's own
     gm.meta[CAPTURED] = True
@@ -217,6 +219,73 @@ def load(path) -> fx.GraphModule:
     if meta["report"] is not None:
         gm.meta[REPORT] = meta["report"]
     return set_mode(gm, meta["training"])
+
+
+def _read_meta(path) -> dict:
+    """cpdfx's own record in a .pt2 archive, read before torch deserialises the program."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(f"/extra/{META_FILE}")]
+        if not names:
+            raise LoadError(f"cpdfx could not load {os.fspath(path)!r}: it is a zip archive but not one "
+                            f"cpdfx.save wrote (it has no {META_FILE}); a plain torch.export file loads with "
+                            f"torch.export.load.")
+        try:
+            return json.loads(archive.read(names[0]))
+        except (ValueError, zipfile.BadZipFile) as err:
+            raise LoadError(f"cpdfx could not load {os.fspath(path)!r}: its {META_FILE} is damaged "
+                            f"({err}).") from None
+
+
+def _pytree_types(gm: fx.GraphModule) -> list[dict]:
+    """The classes in the graph's input and output structure that a package
+    registers with torch's pytree (a transformers ModelOutput, a user's own
+    output class), by the name torch serialises them under and their module."""
+    found, specs = {}, [s for s in (getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)) if s]
+    while specs:
+        spec = specs.pop()
+        entry = pytree.SUPPORTED_SERIALIZED_TYPES.get(spec.type)
+        if entry is not None and spec.type.__module__ not in ("builtins", "collections"):
+            found[entry.serialized_type_name] = spec.type.__module__
+        specs.extend(spec.children())
+    return [{"type": name, "module": module} for name, module in sorted(found.items())]
+
+
+def _import_pytree_types(path, types) -> None:
+    """Import the modules that register the saved structure's classes: a fresh
+    process has not imported, say, transformers.modeling_outputs yet."""
+    for entry in types:
+        try:
+            importlib.import_module(entry["module"])
+        except ImportError as err:
+            raise LoadError(f"cpdfx could not load {os.fspath(path)!r}: the model's inputs or outputs are a "
+                            f"{entry['type']}, and importing {entry['module']} failed ({err}). Install the "
+                            f"package the model came from.") from None
+        if not any(t.serialized_type_name == entry["type"] for t in pytree.SUPPORTED_SERIALIZED_TYPES.values()):
+            raise LoadError(f"cpdfx could not load {os.fspath(path)!r}: the model's inputs or outputs are a "
+                            f"{entry['type']}, which {entry['module']} no longer registers with torch's "
+                            f"pytree (another version of its package?).")
+
+
+@contextlib.contextmanager
+def _captured_log(name: str):
+    """What logger `name` says at WARNING and above, kept from the console."""
+    log, text = logging.getLogger(name), io.StringIO()
+    handler, saved = logging.StreamHandler(text), (log.level, log.propagate)
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    try:
+        yield text
+    finally:
+        log.removeHandler(handler)
+        log.level, log.propagate = saved
+
+
+def _last_error_line(log: str) -> str:
+    """The exception line at the end of a logged traceback ("NotImplementedError: ...")."""
+    lines = [line.split("] ", 1)[-1].strip() for line in log.splitlines()]
+    errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return errors[-1].rstrip(".") if errors else ""
 
 
 def _example(gm: fx.GraphModule):
@@ -233,27 +302,11 @@ def _example(gm: fx.GraphModule):
     return tuple(args), tuple(dynamic)
 
 
-@contextlib.contextmanager
-def _atomic(path):
-    """A temporary path in path's folder, moved onto path if the block succeeds:
-    a failure never leaves a partial file, nor replaces a good one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)  # the temporary name ends like path: torch.export checks it
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _describe(model) -> str:
     return "a cpdfx graph" if is_captured(model) else type(model).__name__
 
 
-def _first_line(err) -> str:
+def first_line(err) -> str:
     line = next((s.strip() for s in str(err).splitlines() if s.strip()), type(err).__name__).rstrip(".")
     return line if len(line) <= 300 else line[:297] + "..."
 

@@ -10,8 +10,8 @@ import pytest
 HERE = os.path.dirname(__file__)
 
 
-def run(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run(*args, cwd=None, env=None):
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run([sys.executable, "-m", "cpdfx.cli", *args], capture_output=True, text=True,
                           timeout=600, env=env, cwd=cwd)
 

@@ -3,6 +3,8 @@ and fails cleanly; .pt2 save/load keeps outputs, meta and the mode switch."""
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -177,3 +179,64 @@ def test_load_errors_are_one_paragraph(tmp_path):
         with pytest.raises(LoadError, match=message) as info:
             load(path)
         assert "\n" not in str(info.value)
+
+
+def _fresh_python(code: str, tmp_path, extra_path=()) -> subprocess.CompletedProcess:
+    """Run code in a new interpreter: nothing the test process imported is registered there."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, extra_path), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
+
+
+def test_pruned_transformers_model_loads_exports_and_prunes_again_in_a_fresh_process(tmp_path):
+    model = zoo.build("resnet").eval()
+    x = torch.randn(2, 3, 64, 64)
+    save(cpdfx.prune(model, x, macs=0.5, importance="l2"), tmp_path / "slim.pt2")
+    result = _fresh_python(
+        "import torch, cpdfx\n"
+        "gm = cpdfx.load('slim.pt2')\n"
+        "x = torch.randn(2, 3, 64, 64)\n"
+        "print(type(gm(x)).__name__)\n"
+        "cpdfx.export_onnx(gm, x, 'slim.onnx')\n"
+        "again = cpdfx.prune(gm, x, macs=0.5, importance='l2')\n"
+        "print(round(cpdfx.cost(again, x).macs / cpdfx.cost(gm, x).macs, 2))\n", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kind, share = result.stdout.split()
+    assert kind == "ImageClassifierOutputWithNoAttention" and 0.48 <= float(share) <= 0.5
+    assert (tmp_path / "slim.onnx").is_file()
+
+
+OUTPUT_MODULE = '''
+import dataclasses
+import torch
+from torch.utils import _pytree as pytree
+
+@dataclasses.dataclass
+class Scores:
+    logits: torch.Tensor
+
+pytree.register_dataclass(Scores, serialized_type_name="my_outputs.Scores")
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+    def forward(self, x):
+        return Scores(self.conv(x).mean((2, 3)))
+'''
+
+
+def test_a_missing_output_class_is_named_when_loading(tmp_path):
+    (tmp_path / "my_outputs.py").write_text(OUTPUT_MODULE)
+    saved = _fresh_python("import torch, cpdfx, my_outputs\n"
+                          "cpdfx.save(cpdfx.capture(my_outputs.Net(), torch.randn(2, 3, 8, 8)), 'net.pt2')\n",
+                          tmp_path, [tmp_path])
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    loads = "import cpdfx, torch\nprint(type(cpdfx.load('net.pt2')(torch.randn(1, 3, 8, 8))).__name__)\n"
+    fresh = _fresh_python(loads, tmp_path, [tmp_path])  # imports my_outputs itself, from the record
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "Scores", fresh.stderr[-3000:]
+    (tmp_path / "my_outputs.py").unlink()
+    missing = _fresh_python(loads, tmp_path)
+    assert missing.returncode == 1
+    message = missing.stderr.strip().splitlines()[-1]
+    assert "my_outputs.Scores" in message and "importing my_outputs failed" in message

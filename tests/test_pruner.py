@@ -43,14 +43,17 @@ def test_five_steps_reach_the_budget_and_adam_keeps_working():
             opt.zero_grad()
             losses.append(loss.item())
         name = "layers.5.conv1.0.weight"
-        moments = opt.state[dict(gm.named_parameters())[name]]["exp_avg"].clone()
-        previous_kept = gm.meta.get("cpdfx_kept", {}).get(name, {}).get(0, list(range(64)))
+        weight = dict(gm.named_parameters())[name]
+        moments = opt.state[weight]["exp_avg"].clone()
+        previous_kept = gm.meta.get("cpdfx_kept", {}).get(name, {})
         gm = pruner.step(opt)
-        # the moments were sliced exactly like the weight
-        kept_now = gm.meta["cpdfx_kept"][name][0]
-        rows = [previous_kept.index(i) for i in kept_now]
+        # the moments were sliced exactly like the weight, in every dim the step shrank
+        kept_now = gm.meta["cpdfx_kept"][name]
+        for dim, kept in kept_now.items():
+            before = previous_kept.get(dim, list(range(weight.shape[dim])))
+            moments = moments.index_select(dim, torch.tensor([before.index(i) for i in kept]))
         new_param = dict(gm.named_parameters())[name]
-        assert torch.equal(opt.state[new_param]["exp_avg"], moments[rows])
+        assert torch.equal(opt.state[new_param]["exp_avg"], moments)
     assert gm.training and pruner.steps_done == 5
     params = list(gm.parameters())
     assert {id(p) for group in opt.param_groups for p in group["params"]} == {id(p) for p in params}

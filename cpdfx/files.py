@@ -1,0 +1,49 @@
+"""Writing outputs: whole or not at all, with the permissions of any other file.
+
+Every file cpdfx writes (models, reports, checkpoints, plots) goes through
+`atomic_path`: the content is written under a temporary name in the target's
+folder and moved onto the target only when complete, so a failure or Ctrl-C
+never leaves a half-written file nor replaces a good one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path`, moved onto it if the block succeeds. The
+    file gets the mode a plain open() would give it (0666 less the umask), not
+    the 0600 of mkstemp. The temporary name ends like path (torch.export checks
+    the suffix)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path, obj) -> Path:
+    """obj as indented JSON; values JSON lacks (paths, numpy scalars) as their str()."""
+    return write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
