@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from .capture import capture
 from .cost import CostModel, cost
-from .distill import distill, evaluate
+from .distill import Callback, check_same_run, distill, evaluate
 from .importance import Criterion
 from .losses import DistillLoss
 from .prune import REPORT, Budget, Target, check_budget, unit_costs
@@ -52,7 +52,7 @@ from .pruner import Pruner
 REPORT_FILE = "report.json"
 LEARNED = "learned"
 LEARNED_DEFAULTS = {"penalty": 2.0, "growth": 1.3, "threshold": 0.1, "every": 5, "cost_power": 1.0}
-# what a resumed run must share with the one that saved the checkpoint, beyond distill's own checks
+# what a resumed run must share with the one that saved the checkpoint, beyond distill's own settings
 RESUME_KEYS = ("macs", "params", "importance", "prune_steps", "prune_share", "schedule", "round_to", "min_keep",
                "plain", "learned")
 
@@ -96,10 +96,9 @@ def total_steps(n_samples: int, batch_size: int, epochs: int) -> int:
 # -- the pruning callback -------------------------------------------------------------
 
 
-class PruneCallback:
+class PruneCallback(Callback):
     """distill's callback for the CPD schedule: importance from every backward
-    pass, a pruner step after each step in `at` (see the distill module's
-    callback protocol). Its state is the pruner's (the keep sets of the steps
+    pass, a pruner step after each step in `at`. Its state is the pruner's (the keep sets of the steps
     done and the importance gathered since the last), so a resumed run
     rebuilds the pruned structure before the checkpoint's weights are loaded."""
 
@@ -128,18 +127,10 @@ class PruneCallback:
         return {"config": self.config, "pruner": self.pruner.state_dict(), "events": list(self.events)}
 
     def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module:
-        check_same_run(state["config"], self.config)
+        check_same_run(state["config"], self.config, RESUME_KEYS)
         self.events = list(state["events"])
         slim = self.pruner.load_state_dict(state["pruner"])  # also the importance gathered since the last step
         return slim if state["pruner"]["keeps"] else student
-
-
-def check_same_run(saved: dict, now: dict) -> None:
-    differ = [f"{k}={saved.get(k)!r} there but {now.get(k)!r} now" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if differ:
-        raise ValueError(f"cannot resume: the checkpoint was written by a compress run with other settings "
-                         f"({', '.join(differ)}). Resume with the settings of that run, or give a new out_dir "
-                         f"to start afresh.")
 
 
 # -- learned structure: gates ---------------------------------------------------------

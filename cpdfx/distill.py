@@ -6,7 +6,8 @@ every epoch, and on Ctrl-C, so that `resume=True` continues exactly where the
 run stopped; and it takes a callback, through which a step-wise pruner reads
 gradients and swaps in a smaller student while training goes on.
 
-The callback protocol (every method optional; see `Callback`):
+A callback subclasses `Callback` and overrides what it needs (the base class's
+methods do nothing):
 
     on_backward(student)                        after loss.backward(), before clipping
                                                 and the optimizer step: gradients are
@@ -40,7 +41,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -59,16 +59,34 @@ DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 RESUME_MUST_MATCH = ("task", "epochs", "batch_size", "world_size", "seed", "optimizer")
 
 
-class Callback(Protocol):
-    """What `distill` calls on its callback; every method is optional."""
+class Callback:
+    """What `distill` calls on its callback (see the module docstring): this
+    base class does nothing; a callback overrides the methods it needs."""
 
-    def on_backward(self, student: nn.Module) -> None: ...
+    def on_backward(self, student: nn.Module) -> None:
+        pass
 
-    def on_step_end(self, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module | None: ...
+    def on_step_end(self, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module | None:
+        return None
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        return {}
 
-    def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module: ...
+    def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module:
+        return student
+
+
+def as_callback(callback) -> Callback:
+    """A Callback for what distill was given: None does nothing, and an object
+    that does not subclass Callback (written to the protocol alone) keeps its
+    own methods, the base class's standing in for those it lacks."""
+    if isinstance(callback, Callback):
+        return callback
+    adapted = Callback()
+    for name in ("on_backward", "on_step_end", "state_dict", "load_state_dict"):
+        if hasattr(callback, name):
+            setattr(adapted, name, getattr(callback, name))
+    return adapted
 
 
 @dataclass
@@ -439,7 +457,7 @@ class _Run:
         self.channels_last = channels_last
         self.loss = _make_loss(loss, config["task"], labels)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.callback, self.progress, self.num_workers = callback, progress, num_workers
+        self.callback, self.progress, self.num_workers = as_callback(callback), progress, num_workers
         self.batch = self._per_rank_batch(config["batch_size"])
         self.student, self.teacher = student, self._freeze(teacher, student)
         self.history, self.replaced = [], []
@@ -490,7 +508,7 @@ class _Run:
                                                        "student": fingerprint(self.student, weights=False)}
         state = (load_checkpoint(path, self.config, self.fingerprints) if resume and path is not None and path.exists()
                  else None)
-        if state is not None and state.get("callback") is not None and hasattr(self.callback, "load_state_dict"):
+        if state is not None and state["callback"] is not None:  # None in checkpoints from before Callback
             self.student = self.callback.load_state_dict(state["callback"], self.student)
         if state is not None:
             self.student.load_state_dict(state["student"])
@@ -574,8 +592,7 @@ class _Run:
             terms = self.loss.terms(out, target_out, y)
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
-        if hasattr(self.callback, "on_backward"):
-            self.callback.on_backward(self.student)
+        self.callback.on_backward(self.student)
         if self.config["clip_grad"]:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config["clip_grad"])
         self.optimizer.step()
@@ -584,10 +601,9 @@ class _Run:
         terms = {k: v.detach() for k, v in terms.items()}
         for k, v in terms.items():
             self.running[k] = self.running.get(k, torch.zeros((), device=self.device)) + v
-        if hasattr(self.callback, "on_step_end"):
-            new = self.callback.on_step_end(self.step, self.student, self.optimizer)
-            if new is not None:
-                self._adopt(new)
+        new = self.callback.on_step_end(self.step, self.student, self.optimizer)
+        if new is not None:
+            self._adopt(new)
         return terms
 
     @property
@@ -652,7 +668,7 @@ class _Run:
                  "epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step,
                  "running": {k: v.cpu() for k, v in self.running.items()}, "rng": rng_state(),
                  "history": self.history, "replaced": self.replaced, "fingerprints": self.fingerprints,
-                 "callback": self.callback.state_dict() if hasattr(self.callback, "state_dict") else None}
+                 "callback": self.callback.state_dict()}
         save_atomically(state, self.out_dir / CHECKPOINT)
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from cpdfx.compress import compress
-from cpdfx.distill import distill
+from cpdfx.distill import Callback, distill
 from cpdfx.pruner import Pruner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +57,7 @@ class Images(Dataset):
         self.trap.hit(f"{self.name} epoch", epoch)
 
 
-class StepHook:
+class StepHook(Callback):
     """Reports each optimizer step to the trap."""
 
     def __init__(self, trap):
