@@ -6,7 +6,8 @@ every epoch, and on Ctrl-C, so that `resume=True` continues exactly where the
 run stopped; and it takes a callback, through which a step-wise pruner reads
 gradients and swaps in a smaller student while training goes on.
 
-The callback protocol (every method optional; see `Callback`):
+A callback subclasses `Callback` and overrides what it needs (the base class's
+methods do nothing):
 
     on_backward(student)                        after loss.backward(), before clipping
                                                 and the optimizer step: gradients are
@@ -28,6 +29,7 @@ the weights (dim >= 2) and none on biases and norms.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -39,7 +41,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -58,16 +59,34 @@ DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 RESUME_MUST_MATCH = ("task", "epochs", "batch_size", "world_size", "seed", "optimizer")
 
 
-class Callback(Protocol):
-    """What `distill` calls on its callback; every method is optional."""
+class Callback:
+    """What `distill` calls on its callback (see the module docstring): this
+    base class does nothing; a callback overrides the methods it needs."""
 
-    def on_backward(self, student: nn.Module) -> None: ...
+    def on_backward(self, student: nn.Module) -> None:
+        pass
 
-    def on_step_end(self, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module | None: ...
+    def on_step_end(self, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module | None:
+        return None
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        return {}
 
-    def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module: ...
+    def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module:
+        return student
+
+
+def as_callback(callback) -> Callback:
+    """A Callback for what distill was given: None does nothing, and an object
+    that does not subclass Callback (written to the protocol alone) keeps its
+    own methods, the base class's standing in for those it lacks."""
+    if isinstance(callback, Callback):
+        return callback
+    adapted = Callback()
+    for name in ("on_backward", "on_step_end", "state_dict", "load_state_dict"):
+        if hasattr(callback, name):
+            setattr(adapted, name, getattr(callback, name))
+    return adapted
 
 
 @dataclass
@@ -292,23 +311,62 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_atomically(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves half a
+    checkpoint, and one during the save (a second Ctrl-C) leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path, config: dict) -> dict:
+def fingerprint(model: nn.Module | None, weights: bool = True) -> str | None:
+    """A digest of a model's state: the names, shapes and dtypes of its tensors
+    and, with weights, their values (not their device or memory format). A
+    resumed run compares the teacher's and the student's architecture with the
+    interrupted run's: another teacher (a built-in model re-created with new
+    random weights) would silently make it another run."""
+    if model is None:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if weights:
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: Path, config: dict, fingerprints: dict) -> dict:
     # our own file; it holds RNG states and the callback's state, which need full unpickling
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a cpdfx distill checkpoint (format {state.get('format')!r})")
-    differ = {k: (state["config"].get(k), config[k]) for k in RESUME_MUST_MATCH if state["config"].get(k) != config[k]}
-    if differ:
-        listed = ", ".join(f"{k}={old!r} there but {new!r} now" for k, (old, new) in differ.items())
-        raise ValueError(f"cannot resume from {path}: it was written with other settings ({listed}). Resume "
-                         f"with the settings of that run, or give a new out_dir to start afresh.")
+    check_same_run(state["config"], config, RESUME_MUST_MATCH)
+    saved = state.get("fingerprints") or fingerprints  # checkpoints written before fingerprints were kept
+    if saved["teacher"] != fingerprints["teacher"]:
+        raise ValueError(f"cannot resume from {path}: the checkpoint was made with another teacher (its weights "
+                         f"differ from those of the teacher given now, or one of the two runs had none), so the "
+                         f"resumed run would learn from another model. Pass the same teacher, e.g. saved with "
+                         f"cpdfx.save and given as its .pt2 file (a built-in model name makes new random weights "
+                         f"every time), or give a new out_dir to start afresh.")
+    if saved["student"] != fingerprints["student"]:
+        raise ValueError(f"cannot resume from {path}: the checkpoint was made from a student of another "
+                         f"architecture (the names or shapes of its layers differ from those of the student given "
+                         f"now). Pass the student the interrupted run started from, or give a new out_dir to "
+                         f"start afresh.")
     return state
+
+
+def check_same_run(saved: dict, now: dict, keys) -> None:
+    """The one check of the settings a resumed run must share with the run that
+    wrote the checkpoint (distill's, and a callback's such as compress's):
+    with others, resuming would not continue that run."""
+    differ = [f"{k}={saved.get(k)!r} there but {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"cannot resume: the checkpoint was written by a run with other settings "
+                         f"({', '.join(differ)}). Resume with the settings of that run, or give a new out_dir "
+                         f"to start afresh.")
 
 
 class DeferredInterrupt:
@@ -330,8 +388,8 @@ class DeferredInterrupt:
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self.previous)
-        print("\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again to stop now)",
-              file=sys.stderr)
+        print("\nCtrl-C: stopping after this step, or after this evaluation, to save a checkpoint (Ctrl-C "
+              "again to stop now, without one)", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self.installed:
@@ -363,7 +421,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_data, val_data=
     amp: bf16 autocast, by default on CUDA only; channels_last: by default on
     CUDA for models with convolutions.
     out_dir: where metrics.jsonl and the checkpoint last.pt go (rank 0 only);
-    resume=True continues from out_dir/last.pt when there is one.
+    resume=True continues from out_dir/last.pt when there is one, given the
+    same settings, teacher and student (as they were before training).
     callback: see the module docstring. Under torchrun (or an initialised
     process group) the student is wrapped in DistributedDataParallel.
     Validation (top-1 or mIoU) runs on val_data after each epoch."""
@@ -398,7 +457,7 @@ class _Run:
         self.channels_last = channels_last
         self.loss = _make_loss(loss, config["task"], labels)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.callback, self.progress, self.num_workers = callback, progress, num_workers
+        self.callback, self.progress, self.num_workers = as_callback(callback), progress, num_workers
         self.batch = self._per_rank_batch(config["batch_size"])
         self.student, self.teacher = student, self._freeze(teacher, student)
         self.history, self.replaced = [], []
@@ -444,8 +503,12 @@ class _Run:
         np.random.seed(self.config["seed"])
         random.seed(self.config["seed"])
         path = self.out_dir / CHECKPOINT if self.out_dir is not None else None
-        state = load_checkpoint(path, self.config) if resume and path is not None and path.exists() else None
-        if state is not None and state.get("callback") is not None and hasattr(self.callback, "load_state_dict"):
+        # of the models as given (the student before a callback re-shapes it); only a checkpoint needs them
+        self.fingerprints = None if path is None else {"teacher": fingerprint(self.teacher),
+                                                       "student": fingerprint(self.student, weights=False)}
+        state = (load_checkpoint(path, self.config, self.fingerprints) if resume and path is not None and path.exists()
+                 else None)
+        if state is not None and state["callback"] is not None:  # None in checkpoints from before Callback
             self.student = self.callback.load_state_dict(state["callback"], self.student)
         if state is not None:
             self.student.load_state_dict(state["student"])
@@ -454,8 +517,8 @@ class _Run:
         self.optimizer = make_optimizer(self.student, c["optimizer"], c["lr"], c["weight_decay"], c["momentum"])
         self.steps_per_epoch = (len(self.train_data) // self.ranks.world) // self.batch
         total = self.steps_per_epoch * c["epochs"]
-        factor = warmup_cosine(total, warmup_steps(c["warmup"], total))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.factor = warmup_cosine(total, warmup_steps(c["warmup"], total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.factor)
         if state is not None:
             self._restore(state)
         elif self.out_dir is not None and self.ranks.main:
@@ -482,10 +545,18 @@ class _Run:
     # training
 
     def train(self) -> None:
+        """Epoch after epoch, each trained, evaluated and checkpointed. Ctrl-C
+        stops after the step it lands in, saving a checkpoint there (after an
+        epoch's last step too: a run resumed from it finds no batch left and
+        ends the epoch), or, landing in an epoch's evaluation, after the epoch's
+        checkpoint."""
         with DeferredInterrupt() as interrupt:
             while self.epoch < self.config["epochs"]:
                 self._train_epoch(interrupt)
                 self._end_epoch()
+                self._save()
+                if self._stop_requested(interrupt):
+                    self._interrupted()
 
     def _train_epoch(self, interrupt: DeferredInterrupt) -> None:
         data = self.train_data
@@ -508,6 +579,7 @@ class _Run:
                 if self.batch_in_epoch % 10 == 0 or self.batch_in_epoch == self.steps_per_epoch:
                     bar.set_postfix(loss=f"{float(sum(terms.values())):.4f}", lr=f"{self.last_lr:.2e}")
                 if self._stop_requested(interrupt):
+                    self._save()
                     self._interrupted()
 
     def _step(self, x, y) -> dict:
@@ -520,22 +592,26 @@ class _Run:
             terms = self.loss.terms(out, target_out, y)
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
-        if hasattr(self.callback, "on_backward"):
-            self.callback.on_backward(self.student)
+        self.callback.on_backward(self.student)
         if self.config["clip_grad"]:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config["clip_grad"])
-        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         terms = {k: v.detach() for k, v in terms.items()}
         for k, v in terms.items():
             self.running[k] = self.running.get(k, torch.zeros((), device=self.device)) + v
-        if hasattr(self.callback, "on_step_end"):
-            new = self.callback.on_step_end(self.step, self.student, self.optimizer)
-            if new is not None:
-                self._adopt(new)
+        new = self.callback.on_step_end(self.step, self.student, self.optimizer)
+        if new is not None:
+            self._adopt(new)
         return terms
+
+    @property
+    def last_lr(self) -> float:
+        """The lr of the last optimizer step, from the schedule (the scheduler
+        has moved the optimizer's on to the next step's): so a run resumed
+        after an epoch's last step logs it as the uninterrupted run did."""
+        return self.scheduler.base_lrs[0] * self.factor(self.step - 1)
 
     def _adopt(self, new: nn.Module) -> None:
         """Train the callback's smaller student from the next step on."""
@@ -552,10 +628,10 @@ class _Run:
         return bool(flag.item())
 
     def _interrupted(self) -> None:
-        self._save()
+        """Stop, the checkpoint saved; the hint fits the Python API and the CLI alike."""
         if self.ranks.main:
-            where = (f"checkpoint saved in {self.out_dir / CHECKPOINT}; distill(..., resume=True) continues from "
-                     f"step {self.step}" if self.out_dir is not None else "no out_dir, so nothing was saved")
+            where = (f"checkpoint saved in {self.out_dir / CHECKPOINT}; resume with --resume (CLI) or resume=True "
+                     f"(Python)" if self.out_dir is not None else "no out_dir, so nothing was saved")
             print(f"\ninterrupted at step {self.step}: {where}", file=sys.stderr)
         raise KeyboardInterrupt
 
@@ -583,7 +659,6 @@ class _Run:
         if self.out_dir is not None and self.ranks.main:
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        self._save()
 
     def _save(self) -> None:
         if self.out_dir is None or not self.ranks.main:
@@ -592,8 +667,8 @@ class _Run:
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step,
                  "running": {k: v.cpu() for k, v in self.running.items()}, "rng": rng_state(),
-                 "history": self.history, "replaced": self.replaced,
-                 "callback": self.callback.state_dict() if hasattr(self.callback, "state_dict") else None}
+                 "history": self.history, "replaced": self.replaced, "fingerprints": self.fingerprints,
+                 "callback": self.callback.state_dict()}
         save_atomically(state, self.out_dir / CHECKPOINT)
 
     def close(self) -> None:

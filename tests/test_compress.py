@@ -9,8 +9,10 @@ import torch
 
 import cpdfx
 from cpdfx import data
-from cpdfx.compress import LearnedCallback, PruneCallback, compress, prune_points
+from cpdfx.compress import compress
+from cpdfx.cpd import PruneCallback, prune_points
 from cpdfx.distill import distill
+from cpdfx.learned import LearnedCallback
 from cpdfx.models import ResNetTiny, UNetTiny
 
 X = torch.randn(2, 1, 8, 8)

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset
 
 import cpdfx
 from cpdfx import data
-from cpdfx.distill import distill, evaluate
+from cpdfx.distill import Callback, distill, evaluate
 from cpdfx.losses import DistillLoss
 from cpdfx.models import VGGTiny
 
@@ -76,7 +76,7 @@ def test_label_free_distillation_learns_from_the_teacher_alone(digits, teacher):
     assert_same_weights(weights(teacher), before)  # the teacher only teaches
 
 
-class Interrupt:
+class Interrupt(Callback):
     """Stops a run at a step: Ctrl-C (SIGINT to this process) or a crash."""
 
     def __init__(self, at, how):
@@ -138,7 +138,7 @@ def halve(student):
     return slim
 
 
-class HalveHidden:
+class HalveHidden(Callback):
     """A fake step-wise pruner: checks gradients in on_backward, swaps in a half-width
     student at step `at`, re-binding and slicing the optimizer's state in place."""
 
@@ -250,7 +250,8 @@ def test_ddp_two_processes_match_one_on_the_same_global_batch(teacher, tmp_path)
 
 
 class Spy:
-    """Records whether the student was in train mode during the steps."""
+    """Records whether the student was in train mode during the steps (not a
+    Callback subclass: distill still takes one written to the protocol alone)."""
 
     def __init__(self):
         self.modes = set()

@@ -1,0 +1,326 @@
+"""The learned structure, compress(importance="learned"), after Ahmed et al.
+2021, "Compact CNN Structure Learning by Knowledge Distillation": a gate per
+channel of every prunable group, trained with the distillation loss and a
+sparsity penalty weighted by what each channel costs in the budgeted metric,
+then folded into the weights and cut to the budget once by the solver. See
+`GatedStudent` for why the gates scale every parameter slice of a channel, and
+`LearnedCallback.sparsity` for why the penalty is not a plain L1.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .cost import CostModel
+from .cpd import PruneCallback
+from .importance import Criterion
+from .prune import Budget, Target, unit_costs
+from .pruner import Pruner
+
+LEARNED = "learned"
+LEARNED_DEFAULTS = {"penalty": 2.0, "growth": 1.3, "threshold": 0.1, "every": 5, "cost_power": 1.0}
+
+
+class GatedStudent(nn.Module):
+    """A captured graph whose channels are scaled by learnable gates, one per
+    channel of each gated group, all starting at 1.
+
+    A gate multiplies every parameter slice its channel lives in: the producing
+    conv or linear rows and biases, the norm's scale and shift, the consumers'
+    input columns (the slices the pruner would cut, found through the comb, so
+    concatenations, residual streams, grouped convs and attention heads are
+    covered without a rule per layer). Norm scales alone would not do: many
+    groups have no norm (a transposed conv's output, attention heads), and a
+    zero gamma leaves beta's constant in place. With every slice gated, a
+    closed gate removes the channel exactly, and the gradient of a gate at 1 is
+    the Taylor mask gradient the fisher criterion squares. The graph runs
+    unchanged, its parameters swapped for the gated ones (torch.func), so
+    folding the gates into the weights afterwards (`fold`) gives the same
+    function on the plain graph, which the normal solver then prunes."""
+
+    def __init__(self, gm: fx.GraphModule, comb, groups):
+        super().__init__()
+        self.gm = gm
+        self.ids = [g.id for g in groups]
+        self.gates = nn.ParameterDict({f"g{g.id}": nn.Parameter(torch.ones(g.size)) for g in groups})
+        offsets = dict(zip(self.ids, np.cumsum([0] + [g.size for g in groups])[:-1].tolist()))
+        self.slices: dict[str, list[tuple[int, str]]] = {}
+        params = dict(gm.named_parameters())
+        for name, dims in comb.param_dims.items():
+            if name not in params:
+                continue  # buffers (running statistics) are not gated
+            for d, space in enumerate(dims):
+                for atom, coords in comb.spaces.coords(space):
+                    if atom not in offsets:
+                        continue
+                    index = np.where(coords >= 0, coords + 1 + offsets[atom], 0)
+                    key = f"index{sum(len(v) for v in self.slices.values())}"
+                    self.register_buffer(key, torch.as_tensor(index, dtype=torch.long), persistent=False)
+                    self.slices.setdefault(name, []).append((d, key))
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.gm.train(mode)  # a captured graph switches its batch norm and dropout itself
+        return self
+
+    def values(self) -> dict:
+        """The gates by group id, as numpy arrays."""
+        return {gid: self.gates[f"g{gid}"].detach().cpu().numpy().astype(np.float64) for gid in self.ids}
+
+    def _flat(self) -> torch.Tensor:
+        one = torch.ones(1, device=self.gates[f"g{self.ids[0]}"].device)
+        return torch.cat([one] + [self.gates[f"g{gid}"] for gid in self.ids])
+
+    def gated(self, name: str, p: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        for d, key in self.slices.get(name, ()):
+            shape = [1] * p.dim()
+            shape[d] = -1
+            p = p * flat[getattr(self, key)].view(shape)
+        return p
+
+    def forward(self, *args, **kwargs):
+        flat = self._flat()
+        params = {n: self.gated(n, p, flat) for n, p in self.gm.named_parameters() if n in self.slices}
+        return torch.func.functional_call(self.gm, params, args, kwargs)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Multiply the gates into the graph's weights: the plain graph then
+        computes what the gated one did."""
+        flat = self._flat()
+        for n, p in self.gm.named_parameters():
+            if n in self.slices:
+                p.copy_(self.gated(n, p, flat))
+
+
+class GateScores(Criterion):
+    """Importance = |gate| over its group's root mean square (batch norm leaves
+    each group's scale arbitrary; "open" is judged on the same scale), read
+    after training and set with `set`. The solver divides "cost"-normalised
+    scores by each channel's cost; the gates' penalty already weighed cost, so
+    the scores handed over are pre-multiplied by the same unit costs and the
+    solver ranks the channels by the gates themselves."""
+    name = "learned"
+    normalisation = "cost"
+
+    def __init__(self, example_inputs, target: Target, free_ids):
+        self.example_inputs, self.target, self.free_ids = example_inputs, target, set(free_ids)
+        self.gates: dict = {}
+
+    def set(self, gates: dict) -> None:
+        self.gates = {gid: np.abs(v) / max(float(np.sqrt(np.mean(v ** 2))), 1e-12) for gid, v in gates.items()}
+
+    def scores(self, gm, comb):
+        free = [g for g in comb.prunable if g.id in self.free_ids]
+        units = unit_costs(CostModel(gm, comb, self.example_inputs), free, self.target)
+        out = {}
+        for g in comb.prunable:
+            s = self.gates.get(g.id, np.ones(g.size))
+            out[g.id] = s * units[g.id] if g.id in units else s
+        return out
+
+
+class LearnedCallback(PruneCallback):
+    """distill's callback for the learned structure (importance="learned").
+
+    The gates are trained outside the optimizer (`_gate_step`), after each
+    optimizer step: on the loss, and on a sparsity penalty (`sparsity`: per
+    group, the channels' cost weight x L1 / L2 of its gates), `penalty`
+    setting its strength. Every `every` steps the open gates
+    (|gate| > threshold x the group's root mean square) are costed: once they
+    fit the budget, or when the pruning phase ends, the gates are folded into
+    the weights and the model is cut to the budget once, by the solver,
+    ranking |gate|. Until then the penalty is steered along a geometric path
+    from the original's cost to the budget over the phase: x `growth` while
+    the open structure costs more than the path says, / `growth` while less."""
+
+    def __init__(self, pruner: Pruner, student: GatedStudent, end: int, config: dict, *, penalty: float,
+                 growth: float, threshold: float, every: int, cost_power: float, target: Target, example_inputs):
+        super().__init__(pruner, [end], config)
+        self.student, self.end = student, end
+        self.penalty, self.growth, self.threshold, self.every = penalty, growth, threshold, every
+        self.cost_power = cost_power
+        self.example_inputs = example_inputs
+        self.free, self.fixed = pruner.rules.split(pruner.comb.prunable)
+        self.free_ids = [g.id for g in self.free]
+        self.cost_model = CostModel(pruner.gm, pruner.comb, example_inputs)
+        self.budget = Budget(self.cost_model, target)
+        self.weights = self._cost_weights(self._full())
+        self.start = self.budget.used({**self._full(), **self.fixed})
+        self.trace: list[dict] = []
+        self.met_at = None
+        self.loss_grads: dict = {}
+        self.scale, self.seen = 0.0, 0  # running mean square of the gates' loss gradients
+
+    def _full(self) -> dict:
+        return {g.id: g.size for g in self.free}
+
+    def open_counts(self) -> dict:
+        """Per free group, the channels whose gate is open, within the constraints."""
+        rules, gates = self.pruner.rules, self.student.values()
+        return {g.id: rules.rounded(max(int(_open(gates[g.id], self.threshold).sum()), rules.floor(g.size, g.id)),
+                                    g.size) for g in self.free}
+
+    def _cost_weights(self, counts: dict) -> dict:
+        """Per free group, what one more channel costs at these sizes (the
+        budgeted metrics' shares of the original) to the power cost_power,
+        over the mean per channel: cost depends on the neighbours' widths, so
+        it is re-read as gates close. cost_power 1 weighs the penalty by cost
+        (Ahmed et al.), 0 penalises every channel alike."""
+        metrics = [m for m in ("macs", "params") if getattr(self.budget.target, m) is not None]
+        base, now = self.cost_model(), self.cost_model({**counts, **self.fixed})
+        unit = {}
+        for g in self.free:
+            smaller = self.cost_model({**counts, **self.fixed, g.id: max(counts[g.id] - 1, 0)})
+            unit[g.id] = sum((getattr(now, m) - getattr(smaller, m)) / max(getattr(base, m), 1) for m in metrics)
+        unit = {gid: max(u, 0.0) ** self.cost_power for gid, u in unit.items()}
+        mean = sum(unit[g.id] * g.size for g in self.free) / max(sum(g.size for g in self.free), 1)
+        return {gid: u / mean if mean > 0 else 1.0 for gid, u in unit.items()}
+
+    def on_backward(self, student: nn.Module) -> None:
+        """Take the gates' loss gradients away from the optimizer (a None grad
+        is skipped by AdamW, SGD and gradient clipping): Adam would scale each
+        gate's gradient to about one, erasing how much its channel matters,
+        which is exactly what the penalty must be weighed against."""
+        for gid in self.student.ids:
+            gate = self.student.gates[f"g{gid}"]
+            self.loss_grads[gid] = torch.zeros_like(gate) if gate.grad is None else gate.grad.detach().clone()
+            gate.grad = None
+
+    def sparsity(self) -> torch.Tensor:
+        """The penalty: per group, its cost weight x the sum of |gate| / the
+        gates' root mean square (L1 over L2: a Hoyer measure). Batch norm makes
+        a network blind to the scale of a whole group, so plain L1 would shrink
+        every gate of a group alike, at no cost to the loss, and select
+        nothing; this measure does not change with the scale, only with how
+        the gates differ, and it falls as the weaker ones close."""
+        total = 0.0
+        for gid in self.free_ids:
+            g = self.student.gates[f"g{gid}"]
+            total = total + self.weights[gid] * g.abs().sum() / (g.pow(2).mean().sqrt() + 1e-12)
+        return total
+
+    def _gate_step(self, lr: float, base_lr: float) -> None:
+        """One step on the gates, outside the optimizer: the loss gradient over
+        its running root mean square across all gates (one scale for all, so a
+        channel that matters twice as much pushes twice as hard), plus penalty
+        x the sparsity gradient, of size lr / (base lr x the steps of the
+        pruning phase): a push of one moves a gate about its own size over the
+        phase, whatever the lr and the length of the run. A gate that would
+        cross zero stops at zero."""
+        if not self.loss_grads:
+            return
+        squares = torch.cat([v.reshape(-1) for v in self.loss_grads.values()]).pow(2).mean().item()
+        self.seen += 1
+        self.scale = 0.99 * self.scale + 0.01 * squares
+        unit = math.sqrt(self.scale / (1 - 0.99 ** self.seen)) + 1e-30
+        free = [self.student.gates[f"g{gid}"] for gid in self.free_ids]
+        with torch.enable_grad():
+            sparse = dict(zip(self.free_ids, torch.autograd.grad(self.sparsity(), free))) if free else {}
+        size = lr / (base_lr * self.end)
+        with torch.no_grad():
+            for gid in self.student.ids:
+                g = self.student.gates[f"g{gid}"]
+                push = self.loss_grads[gid] / unit
+                if gid in sparse:
+                    push = push + self.penalty * sparse[gid]
+                new = g - size * push
+                g.copy_(torch.where(new.sign() == g.sign(), new, torch.zeros_like(new)))
+        self.loss_grads = {}
+
+    def on_step_end(self, step: int, student: nn.Module, optimizer) -> nn.Module | None:
+        if self.pruner.done:
+            return None
+        self._gate_step(*_lr_of(optimizer, self.student.gates[f"g{self.student.ids[0]}"]))
+        if step % self.every and step < self.end:
+            return None
+        counts = self.open_counts()
+        used = self.budget.used({**counts, **self.fixed})
+        goal = self.start ** (1 - step / self.end)  # a geometric path from the original to the budget
+        self.trace.append({"step": step, "penalty": self.penalty, "used": used, "goal": goal,
+                           "open": self.budget.shares({**counts, **self.fixed})})
+        if used <= 1 or step >= self.end:
+            self.met_at = step if used <= 1 else None
+            return self._cut(step, optimizer)
+        self.penalty = self.penalty * self.growth if used > goal else self.penalty / self.growth
+        self.weights = self._cost_weights(counts)
+        return None
+
+    def _cut(self, step: int, optimizer) -> fx.GraphModule:
+        """Fold the gates in, prune to the budget by |gate|, and leave the
+        optimizer holding the slim graph's parameters under their own names."""
+        self.student.fold()
+        self.pruner.criterion.set(self.student.values())
+        gates = {id(p) for p in self.student.gates.parameters()}
+        slim = self._prune(step, optimizer)
+        for group in optimizer.param_groups:
+            names = group.get("param_names", [None] * len(group["params"]))
+            kept = [(p, n) for p, n in zip(group["params"], names) if id(p) not in gates]
+            for p in group["params"]:
+                if id(p) in gates:
+                    optimizer.state.pop(p, None)
+            group["params"] = [p for p, _ in kept]
+            if "param_names" in group:
+                group["param_names"] = [n.removeprefix("gm.") for _, n in kept]
+        return slim
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "penalty": self.penalty, "weights": dict(self.weights),
+                "trace": list(self.trace), "met_at": self.met_at, "scale": self.scale, "seen": self.seen}
+
+    def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module:
+        self.penalty, self.weights = state["penalty"], {int(k): v for k, v in state["weights"].items()}
+        self.trace, self.met_at = list(state["trace"]), state["met_at"]
+        self.scale, self.seen = state["scale"], state["seen"]
+        return super().load_state_dict(state, student)  # the slim graph once cut, else the gated student
+
+
+def _open(gates: np.ndarray, threshold: float) -> np.ndarray:
+    """Which gates are open: |gate| above threshold x the group's root mean square."""
+    return np.abs(gates) > threshold * np.sqrt(np.mean(gates ** 2))
+
+
+def _lr_of(optimizer, param) -> tuple[float, float]:
+    """The lr of the group that holds param: now, and at the start (before the schedule)."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group["lr"], group.get("initial_lr", group["lr"])
+    raise RuntimeError("the optimizer does not hold the gates: compress builds the optimizer through distill, "
+                       "which trains every parameter of the gated student")
+
+
+def resolve_options(options) -> dict:
+    """The learned options: the defaults, overridden by those given, checked."""
+    options = {**LEARNED_DEFAULTS, **(options or {})}
+    unknown = set(options) - set(LEARNED_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown learned_options {sorted(unknown)}; the options are "
+                         f"{', '.join(f'{k} (default {v})' for k, v in LEARNED_DEFAULTS.items())}")
+    if (options["penalty"] <= 0 or options["growth"] < 1 or options["threshold"] <= 0 or options["every"] < 1
+            or options["cost_power"] < 0):
+        raise ValueError(f"learned_options {options}: penalty and threshold must be positive, growth at least 1, "
+                         f"every a positive number of steps and cost_power at least 0")
+    return options
+
+
+def gated_student(gm, example_inputs, target, end, config, rules, options):
+    """The gated student and its callback (importance='learned'): every
+    prunable group that is not ignored gets gates; only the groups the global
+    ranking decides (not the overridden ones) are penalised."""
+    criterion = GateScores(example_inputs, target, ())
+    pruner = Pruner(gm, example_inputs, criterion, macs=target.macs, params=target.params, steps=1, **rules)
+    free, fixed = pruner.rules.split(pruner.comb.prunable)
+    criterion.free_ids = {g.id for g in free}
+    if not free:
+        raise ValueError("importance='learned' found no channel group to learn: every prunable group is ignored "
+                         "or overridden (or the model has none); loosen ignore= / overrides=, or use a pruning "
+                         "criterion such as 'fisher'")
+    student = GatedStudent(pruner.gm, pruner.comb, [g for g in pruner.comb.prunable
+                                                   if g.id in criterion.free_ids or g.id in fixed])
+    callback = LearnedCallback(pruner, student, end, config, target=target, example_inputs=example_inputs,
+                               **options)
+    return student, callback
