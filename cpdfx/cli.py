@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
+import inspect
 import json
 import logging
 import sys
@@ -34,18 +36,22 @@ class UsageError(Exception):
 
 # -- models, shapes, data ------------------------------------------------------------------
 
-def load_model(spec: str, task: str = "classification") -> torch.nn.Module:
+def load_model(spec: str, task: str = "classification", x: torch.Tensor | None = None,
+               data=None) -> torch.nn.Module:
     """A model from a spec:
     - a built-in name (cpdfx.models: resnet, vgg, unet, ...);
     - a file saved by `cpdfx prune`/`cpdfx.save` (*.pt2);
     - `hf:FAMILY` (a small transformers config: resnet, vit, ...) or
       `hf:ConfigClass(key=value, ...)` (any transformers vision config, random
       weights, built for the task);
-    - `package.module:factory` or `package.module:factory(key=value, ...)`."""
+    - `package.module:factory` or `package.module:factory(key=value, ...)`.
+    A built-in model or a factory that takes `in_channels`, `image_size` or
+    `num_classes` gets them from the example input x and the data's classes,
+    unless the spec sets them."""
     from .models import MODELS
     name, kwargs = _call(spec)
     if name in MODELS:
-        return _build(spec, MODELS[name], kwargs)
+        return _build(spec, MODELS[name], _fit(MODELS[name], kwargs, x, data))
     if spec.endswith(".pt2"):
         from .export import load
         return load(spec)
@@ -59,15 +65,34 @@ def load_model(spec: str, task: str = "classification") -> torch.nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise UsageError(f"cannot load model {spec!r}: {err}") from None
-    model = _build(spec, factory, kwargs)
+    model = _build(spec, factory, _fit(factory, kwargs, x, data))
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _build(spec: str, factory, kwargs: dict):
+def _fit(factory, kwargs: dict, x, data) -> dict:
+    """kwargs, with the input channels, image size and class count the factory
+    takes filled in from the example input and the data where the spec is silent."""
+    known = {}
+    if x is not None and x.dim() == 4:
+        known.update(in_channels=x.shape[1], image_size=x.shape[2])
+    if getattr(data, "classes", None):
+        known["num_classes"] = len(data.classes)
     try:
-        return factory(**kwargs)
+        names = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature takes nothing from here
+        return kwargs
+    return {**{k: v for k, v in known.items() if k in names}, **kwargs}
+
+
+def _build(spec: str, factory, kwargs: dict):
+    """factory(**kwargs) from seed 0: a spec names the same weights in every run,
+    so a teacher built from one is the same teacher when a run resumes."""
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return factory(**kwargs)
     except TypeError as err:  # arguments the factory does not take
         raise UsageError(f"cannot build {spec!r}: {err}") from None
 
@@ -91,7 +116,7 @@ def _call(spec: str) -> tuple[str, dict]:
 def _transformers_model(name: str, kwargs: dict, task: str) -> torch.nn.Module:
     from . import zoo
     if name in zoo.FAMILIES:
-        return zoo.build(name, **kwargs)
+        return _build(f"hf:{name}", functools.partial(zoo.build, name), kwargs)
     transformers = zoo._hf()
     config_cls = getattr(transformers, name, None)
     if config_cls is None or not name.endswith("Config"):
@@ -100,8 +125,8 @@ def _transformers_model(name: str, kwargs: dict, task: str) -> torch.nn.Module:
     auto = (transformers.AutoModelForImageClassification if task == "classification"
             else transformers.AutoModelForSemanticSegmentation)
     try:
-        return auto.from_config(config_cls(**kwargs))
-    except (TypeError, ValueError) as err:
+        return _build(f"hf:{name}", lambda **kw: auto.from_config(config_cls(**kw)), kwargs)
+    except ValueError as err:
         raise UsageError(f"cannot build a {task} model from {name}({kwargs}): {err}") from None
 
 
@@ -173,8 +198,8 @@ def cmd_inspect(args) -> None:
     from .passes import comb
 
     from . import capture
-    model = load_model(args.model, args.task).eval()
-    gm = capture(model, example_input(args))
+    x = example_input(args)
+    gm = capture(load_model(args.model, args.task, x).eval(), x)
     groups = comb(gm)
     print(groups.table())
     prunable = sum(g.size for g in groups.prunable)
@@ -183,9 +208,9 @@ def cmd_inspect(args) -> None:
 
 def cmd_prune(args) -> None:
     from . import prune, save
-    model = load_model(args.model, args.task).eval()
     data = load_data(args, "train", augment=False) if args.data else None
     x = example_input(args, data)
+    model = load_model(args.model, args.task, x, data).eval()
     calibration = None
     if data is not None:
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
@@ -203,10 +228,12 @@ def cmd_prune(args) -> None:
 
 def cmd_distill(args) -> None:
     from . import distill, save
-    student = load_model(args.student, args.task)
-    teacher = load_model(args.teacher, args.task)
+    train, test = load_data(args, "train"), load_data(args, "test")
+    x = example_input(args, train)
+    student = load_model(args.student, args.task, x, train)
+    teacher = load_model(args.teacher, args.task, x, train)
     out = Path(args.out)
-    result = distill(student, teacher, load_data(args, "train"), load_data(args, "test"), task=args.task,
+    result = distill(student, teacher, train, test, task=args.task,
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labels=args.labels,
                      out_dir=out, resume=args.resume)
     save(result.student, out / "student.pt2")
@@ -216,8 +243,8 @@ def cmd_distill(args) -> None:
 
 def cmd_export(args) -> None:
     from . import export_onnx
-    model = load_model(args.model, args.task)
-    path = export_onnx(model, example_input(args), args.out, opset=args.opset)
+    x = example_input(args)
+    path = export_onnx(load_model(args.model, args.task, x), x, args.out, opset=args.opset)
     print(f"exported to {path} (checked against onnxruntime)")
 
 

@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from .files import atomic_path
 from .losses import IGNORE_INDEX, DistillLoss, logits_of, resize_to, same_resolution
 
 CHECKPOINT = "last.pt"
@@ -313,12 +314,8 @@ def set_rng_state(state: dict) -> None:
 def save_atomically(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a
     checkpoint, and one during the save (a second Ctrl-C) leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fingerprint(model: nn.Module | None, weights: bool = True) -> str | None:

@@ -22,9 +22,9 @@ from .report import format_report
 def run_compress(args) -> dict:
     """`cpdfx compress`: see the subcommand's help."""
     from .cli import budget, count_or_share, example_input, load_data, load_model
-    model = load_model(args.model, args.task).eval()
     train, val = load_data(args, "train"), load_data(args, "test", augment=False)
     x = example_input(args, train)
+    model = load_model(args.model, args.task, x, train).eval()
     out = Path(args.out)
     result = compress(model, x, train, val, task=args.task, **budget(args), importance=args.importance,
                       prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to,

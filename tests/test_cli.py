@@ -28,7 +28,7 @@ def test_prune_export_bench_chain(tmp_path):
     result = run("prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "0.5", "--importance", "l2",
                  "--out", str(slim))
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "slim.report.json").read_text())
     assert 0.48 <= report["achieved"]["macs"] <= 0.5
     assert "target macs 50%" in result.stdout
     for model, name in [(str(slim), "slim.onnx"), ("resnet", "original.onnx")]:
@@ -47,7 +47,7 @@ def test_prune_with_data_calibrates_on_it(tmp_path):
     result = run("prune", "cli_models:small_digits_net", "--data", "digits", "--macs", "0.5",
                  "--calibration-batches", "2", "--steps", "2", "--out", str(tmp_path / "slim.pt2"))
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "slim.report.json").read_text())
     assert report["criterion"] == "fisher" and len(report["steps"]) == 2
     assert report["batch_norm_reestimated_on"] == 2 * 32  # --calibration-batches x --batch-size
 

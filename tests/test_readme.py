@@ -1,0 +1,50 @@
+"""The README says what the code does: its Python example runs as written, and
+every option its CLI synopsis shows is one the command takes."""
+import os
+
+import pytest
+
+from cpdfx.cli import build_parser
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+
+
+def blocks(language: str) -> list[str]:
+    """The README's fenced code blocks tagged `language` ("" for untagged ones)."""
+    found, current = [], None
+    with open(README, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("```"):
+                if current is None:
+                    current, tag = [], line[3:].strip()
+                else:
+                    if tag == language:
+                        found.append("".join(current))
+                    current = None
+            elif current is not None:
+                current.append(line)
+    return found
+
+
+def test_the_python_example_runs_as_written(tmp_path, monkeypatch, one_thread):
+    code = blocks("python")
+    assert code, "the README has no Python example"
+    monkeypatch.chdir(tmp_path)
+    for block in code:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    for name in ("orig.onnx", "slim.onnx", "slim.pt2"):
+        assert (tmp_path / name).is_file(), name
+
+
+def synopsis() -> list[tuple[str, list[str]]]:
+    (cli,) = [b for b in blocks("") if b.startswith("cpdfx ")]
+    lines = [line.split() for line in cli.splitlines() if line.startswith("cpdfx ")]
+    return [(words[1], [w.strip("[]|") for w in words if w.strip("[").startswith("--")]) for words in lines]
+
+
+@pytest.mark.parametrize("command,options", synopsis())
+def test_every_option_in_the_cli_synopsis_exists(command, options):
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = subparsers.choices[command]
+    known = {s for action in parser._actions for s in action.option_strings}
+    assert set(options) <= known, set(options) - known
