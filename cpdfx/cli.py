@@ -227,7 +227,7 @@ def cmd_prune(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from . import distill, save
+    from . import capture, distill, save
     train, test = load_data(args, "train"), load_data(args, "test")
     x = example_input(args, train)
     student = load_model(args.student, args.task, x, train)
@@ -236,7 +236,7 @@ def cmd_distill(args) -> None:
     result = distill(student, teacher, train, test, task=args.task,
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labels=args.labels,
                      out_dir=out, resume=args.resume)
-    save(result.student, out / "student.pt2")
+    save(capture(result.student.eval(), x), out / "student.pt2")  # a plain module is captured to be saved
     print(json.dumps(result.history[-1], indent=1))
     print(f"\ndistilled student saved to {out / 'student.pt2'}")
 

@@ -4,6 +4,9 @@ paragraph on stderr, before any work where the problem is visible up front, and
 leave no file behind."""
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -153,3 +156,29 @@ def test_a_model_spec_with_bad_arguments_is_one_paragraph(tmp_path):
 def test_a_model_whose_output_is_not_a_tensor_or_pytree_is_one_paragraph(tmp_path):
     torch.save({"not": "a model"}, tmp_path / "weights.pt2")
     assert_refused(run("inspect", str(tmp_path / "weights.pt2"), *SHAPE), "could not load")
+
+
+def test_ctrl_c_stops_a_run_with_a_checkpoint_that_resumes(tmp_path):
+    """SIGINT mid-epoch: exit 130, a short note naming --resume, no model file
+    written; `--resume` then finishes the run."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "cpdfx.cli", "distill", "vgg", "vgg", "--data", "digits", "--epochs", "2",
+               "--batch-size", "8", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    seen = ""
+    while "epoch 1/2:" not in seen:  # training has started
+        seen += process.stderr.read(1)
+        assert process.poll() is None, seen
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=300)[1]
+    assert process.returncode == 130, rest
+    notes = [line for line in (seen + rest).replace("\r", "\n").splitlines()
+             if line.strip() and not re.search(r"\d+%\|", line) and not line.startswith("epoch")]
+    assert len(notes) <= 3 and any("--resume" in line for line in notes), notes
+    assert "Traceback" not in rest
+    assert files_in(out) == ["last.pt", "metrics.jsonl"]
+    resumed = run("distill", "vgg", "vgg", "--data", "digits", "--epochs", "2", "--batch-size", "8",
+                  "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "student.pt2").is_file()

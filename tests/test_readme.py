@@ -1,6 +1,8 @@
 """The README says what the code does: its Python example runs as written, and
 every option its CLI synopsis shows is one the command takes."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +50,18 @@ def test_every_option_in_the_cli_synopsis_exists(command, options):
     parser = subparsers.choices[command]
     known = {s for action in parser._actions for s in action.option_strings}
     assert set(options) <= known, set(options) - known
+
+
+def test_the_installed_package_is_found_from_any_folder(tmp_path):
+    """A folder named cpdfx in the working directory (the checkout, seen from its
+    parent) must not shadow the installed package, and no top-level `passes` is
+    installed beside it."""
+    (tmp_path / "cpdfx" / "passes").mkdir(parents=True)
+    code = ("import importlib.util, cpdfx, cpdfx.passes\n"
+            "print(callable(cpdfx.prune), callable(cpdfx.passes.comb), importlib.util.find_spec('passes'))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300)
+    assert result.returncode == 0, (f"install cpdfx as the README says (editable_mode=strict):\n"
+                                    f"{result.stderr[-2000:]}")
+    assert result.stdout.split() == ["True", "True", "None"]
