@@ -16,7 +16,8 @@ from cpdfx import passes
 from cpdfx import zoo
 from cpdfx.cost import CostModel
 from cpdfx.models import MODELS
-from cpdfx.prune import plan
+from cpdfx.budget import Target
+from cpdfx.solve import plan
 
 
 def measure(name, model, x):
@@ -26,7 +27,7 @@ def measure(name, model, x):
     t1 = time.perf_counter()
     comb = passes.comb(gm)
     t2 = time.perf_counter()
-    chosen = plan(gm, comb, x, macs=0.5, importance="l2")
+    chosen = plan(gm, comb, x, Target(macs=0.5), importance="l2")
     t3 = time.perf_counter()
     slim = passes.eliminate(gm, comb, chosen.keep)
     t4 = time.perf_counter()

@@ -225,7 +225,8 @@ def oracle_table(teacher, example, calib, calib_labelled, images, labels, budget
     is what the global ranking compares."""
     from cpdfx.cost import CostModel
     from cpdfx.importance import group_slices, normalise, resolve
-    from cpdfx.prune import Target, score, unit_costs
+    from cpdfx.budget import Target
+    from cpdfx.solve import score, unit_costs
     from cpdfx.passes import comb as comb_pass
 
     gm = cpdfx.capture(teacher.eval(), example)

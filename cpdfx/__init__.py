@@ -14,13 +14,14 @@ from .distill import DistillResult, distill, evaluate
 from .export import ExportError, LoadError, export_onnx, load, save
 from .importance import CRITERIA, Criterion
 from .losses import DistillLoss
-from .prune import BudgetError, Constraints, prune
+from .budget import BudgetError, Constraints, Target
+from .prune import prune
 from .pruner import Pruner, slice_optimizer
 from .report import format_report
 
 __version__ = "0.1.0"
 
-__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost",
+__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Target",
            "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
            "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
            "load", "prune", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer"]

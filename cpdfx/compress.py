@@ -28,11 +28,9 @@ comparing distillation against plain fine-tuning at the same budget and epochs.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
@@ -43,8 +41,10 @@ from .cpd import PruneCallback, prune_points, total_steps
 from .distill import distill, evaluate
 from .learned import LEARNED, LearnedCallback, gated_student, resolve_options
 from .losses import DistillLoss
-from .prune import REPORT, Target, check_budget
+from .budget import Target
+from .files import write_json
 from .pruner import Pruner
+from .report import REPORT
 
 REPORT_FILE = "report.json"
 
@@ -86,7 +86,7 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
         clip_grad, device, amp, channels_last, num_workers (see distill).
     The model is the teacher (unless plain): it is put in eval mode and on
     the training device, and never trained; the student is its captured copy."""
-    check_budget(macs, params)
+    target = Target(macs, params)
     learned = importance == LEARNED
     config = dict(macs=macs, params=params, importance=_name(importance),
                   prune_steps=1 if learned else prune_steps, prune_share=prune_share, schedule=schedule,
@@ -98,7 +98,6 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
     batch_size = distill_options.get("batch_size", 64)
     total = total_steps(len(train_data), batch_size, epochs)
     at = prune_points(total, prune_share, 1 if learned else prune_steps)
-    target = Target(macs, params)
     rules = dict(ignore=ignore, overrides=overrides, min_keep=min_keep, round_to=round_to)
     gm = capture(model, example_inputs)
     if learned:
@@ -123,7 +122,7 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
     slim.meta[REPORT] = report
     if out_dir is not None and _is_main():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / REPORT_FILE).write_text(json.dumps(report, indent=1, default=_jsonable))
+        write_json(Path(out_dir) / REPORT_FILE, report)
     return CompressResult(slim.eval(), result.history, report)
 
 
@@ -174,11 +173,3 @@ def _report(slim, before, example_inputs, callback, at, history, teacher_scores,
 
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return str(value)

@@ -32,7 +32,7 @@ from .passes.eliminate import KEPT
 from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, is_captured
 from .cost import batch_values, concrete, cost
 from .files import atomic_path
-from .prune import REPORT
+from .report import REPORT
 
 META_FILE = "cpdfx.json"
 

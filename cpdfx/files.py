@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -45,5 +47,14 @@ def write_text(path, text: str) -> Path:
 
 
 def write_json(path, obj) -> Path:
-    """obj as indented JSON; values JSON lacks (paths, numpy scalars) as their str()."""
-    return write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+    """obj as indented JSON: numpy arrays as lists, numpy scalars as numbers,
+    other values JSON lacks (paths, criteria) as their str()."""
+    return write_text(path, json.dumps(obj, indent=1, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)

@@ -18,7 +18,8 @@ import torch.nn as nn
 from .cost import CostModel
 from .cpd import PruneCallback
 from .importance import Criterion
-from .prune import Budget, Target, unit_costs
+from .budget import Budget, Target
+from .solve import unit_costs
 from .pruner import Pruner
 
 LEARNED = "learned"

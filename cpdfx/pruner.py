@@ -29,8 +29,9 @@ from .passes import eliminate, kept_indices
 from .capture import capture
 from .cost import CostModel
 from .importance import group_slices, resolve
-from .prune import REPORT, Constraints, Target, check_budget, plan, score
-from .report import build_report
+from .budget import Constraints, Target
+from .report import REPORT, build_report
+from .solve import plan, score
 
 SCHEDULES = ("geometric", "linear")
 
@@ -59,7 +60,7 @@ class Pruner:
     def __init__(self, model_or_gm, example_inputs, importance="fisher", *, macs=None, params=None,
                  steps: int = 5, schedule: str = "geometric", calibration=None, loss_fn=None,
                  ignore=(), overrides=None, min_keep=1, round_to: int = 1, rules: Constraints | None = None):
-        check_budget(macs, params)
+        self.target = Target(macs, params)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: give a positive number of pruning steps")
         self.targets = [(m, p) for m, p in zip(_shares(macs, steps, schedule), _shares(params, steps, schedule))]
@@ -67,7 +68,6 @@ class Pruner:
         self.criterion = resolve(importance)
         self.example_inputs, self.loss_fn = example_inputs, loss_fn
         self.calibration = list(calibration) if calibration is not None else None  # read at every step
-        self.target = Target(macs, params)
         self.original = self.gm = capture(model_or_gm, example_inputs)
         self.comb = comb_pass(self.gm)
         self.base = CostModel(self.gm, self.comb, example_inputs)()
@@ -98,7 +98,7 @@ class Pruner:
         scores = (self.criterion.scores(self.gm, self.comb) if seen else
                   score(self.criterion, self.gm, self.comb, self.example_inputs, self.calibration, self.loss_fn))
         rules = replace(self.rules, original_sizes=original_sizes(self.original, self.gm, self.comb))
-        chosen = plan(self.gm, self.comb, self.example_inputs, **shares, importance=self.criterion,
+        chosen = plan(self.gm, self.comb, self.example_inputs, Target(**shares), importance=self.criterion,
                       rules=rules, scores=scores)
         self.keeps.append(_plain_keep(chosen.keep))
         slim = eliminate(self.gm, self.comb, chosen.keep)

@@ -5,9 +5,11 @@ into ONNX metadata and saved models); `format_report` prints it as tables.
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
+
+from .cost import cost
+
+REPORT = "cpdfx_report"  # the key of a slim graph's meta that holds its report
 
 
 def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=None,
@@ -16,8 +18,6 @@ def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=Non
     that was made on `groups` (the comb of the graph it was applied to), and
     original_sizes gives those groups' sizes in gm when that graph was already
     smaller (the step-wise pruner's later steps)."""
-    from .cost import cost
-
     before = cost(gm, example_inputs)
     after = cost(slim, example_inputs)
     report = {
@@ -91,8 +91,3 @@ def format_report(report: dict) -> str:
                           f"{g['score_kept']:.3g} / {g['score_pruned']:.3g}" if "score_kept" in g else "-",
                           ", ".join(g["layers"])] for g in report["groups"]]))
     return "\n".join(lines)
-
-
-def save_report(report: dict, path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)

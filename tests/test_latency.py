@@ -49,10 +49,10 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
     real_plan = cpdfx.prune.__globals__["plan"]
 
     def spy_plan(*args, **kwargs):
-        asked.append(kwargs.get("latency"))
+        asked.append(args[3].latency)  # plan(gm, groups, example_inputs, target, ...)
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(latency, "Measured", FakeMeasured)
+    monkeypatch.setitem(cpdfx.prune.__globals__, "Measured", FakeMeasured)
     monkeypatch.setitem(cpdfx.prune.__globals__, "plan", spy_plan)
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.7,
@@ -72,7 +72,7 @@ def test_latency_budget_that_cannot_be_met_says_so(monkeypatch):
         def share(self, slim):
             return 0.95
 
-    monkeypatch.setattr(latency, "Measured", Slow)
+    monkeypatch.setitem(cpdfx.prune.__globals__, "Measured", Slow)
     with pytest.raises(cpdfx.BudgetError, match="latency=0.7 was not reached"):
         cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
                     latency_options={"cache": False, "progress": False, "repeats": 1})
