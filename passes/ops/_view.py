@@ -1,10 +1,12 @@
 """Layout ops: permutes, reshapes, expands, and cutting or joining tensors."""
 from __future__ import annotations
 
+import torch
+
 from ..spaces import CAT, PROD
 from ._table import arg, dim_index, op, set_arg
 
-aten = __import__("torch").ops.aten
+aten = torch.ops.aten
 
 
 # -- permutes -------------------------------------------------------------------------------
