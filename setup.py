@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     # passes/ is the graph-pass folder of the design; it installs as cpdfx.passes through
     # the link cpdfx/passes -> ../passes, so no top-level `passes` lands in site-packages
-    packages=["cpdfx", "cpdfx.passes"],
+    packages=["cpdfx", "cpdfx.passes", "cpdfx.passes.ops"],
     python_requires=">=3.10",
     # torch is pinned in constraints.txt (the CPU wheel); see README
     install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "sympy", "tqdm", "pillow",

@@ -14,17 +14,23 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from .passes.rules import arg, set_arg
+from .passes.ops import OPS, arg, set_arg
 
-aten = torch.ops.aten
 
-TRAINING, MOMENTUM = (5, "training"), (6, "momentum")
+def _is_batch_norm(node) -> bool:
+    """Its op-table entry has running statistics and a train/eval argument."""
+    entry = OPS.get(node.target) if node.op == "call_function" else None
+    return entry is not None and entry.running_stats is not None and entry.mode is not None
+
+
+def _stat(node, i):
+    """The node's running mean (0) or variance (1) argument."""
+    return arg(node, OPS[node.target].running_stats[i])
 
 
 def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
     """The graph's batch-norm nodes that keep running statistics."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default
-            and arg(n, 3, "running_mean") is not None]
+    return [n for n in gm.graph.nodes if _is_batch_norm(n) and _stat(n, 0) is not None]
 
 
 @torch.no_grad()
@@ -40,15 +46,16 @@ def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
     norms = batch_norms(gm)
     if not norms:
         return 0
-    buffers = {n: (gm.get_buffer(arg(n, 3, "running_mean").target), gm.get_buffer(arg(n, 4, "running_var").target))
+    buffers = {n: (gm.get_buffer(_stat(n, 0).target), gm.get_buffer(_stat(n, 1).target))
                for n in norms}
     sums = {n: [torch.zeros_like(mean, dtype=torch.float64), torch.zeros_like(var, dtype=torch.float64)]
             for n, (mean, var) in buffers.items()}
     originals = {n: (mean.clone(), var.clone()) for n, (mean, var) in buffers.items()}
     saved = {n: (n.args, dict(n.kwargs)) for n in norms}
     for n in norms:
-        set_arg(n, *TRAINING, True)
-        set_arg(n, *MOMENTUM, 1.0)  # the running buffers then hold each batch's own statistics
+        entry = OPS[n.target]
+        set_arg(n, entry.mode[0], True)  # training: batch statistics
+        set_arg(n, entry.running_stats[2], 1.0)  # momentum 1: the running buffers then hold each batch's own
     gm.recompile()
     seen = 0
     try:
@@ -62,7 +69,7 @@ def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
         for n in norms:
             if seen and not all(torch.isfinite(t).all() for t in sums[n]):
                 raise ValueError(f"re-estimating batch-norm statistics gave non-finite values for "
-                                 f"{arg(n, 3, 'running_mean').target}: a batch of one sample has no variance "
+                                 f"{_stat(n, 0).target}: a batch of one sample has no variance "
                                  f"where a batch norm sees one value per channel (after pooling); use "
                                  f"calibration batches of two or more samples, or reestimate_bn=False")
     except BaseException:

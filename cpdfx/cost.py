@@ -1,8 +1,9 @@
 """MACs and parameters, counted from the graph.
 
 MACs count the ops that torch.utils.flop_counter counts (convolutions, linear
-layers, matrix products, attention): FLOPs = 2 x MACs. Each such op is a *term*,
-a product of tensor dims; the same terms, read through the spaces of a comb,
+layers, matrix products, attention): FLOPs = 2 x MACs. Each such op (its entry
+in the op table, passes/ops, says how) is a sum of *terms*, each a product of
+tensor dims; the same terms, read through the spaces of a comb,
 give the cost of any pruned size assignment without building the model.
 """
 from __future__ import annotations
@@ -16,11 +17,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .passes.comb import hints
-from .passes.rules import resolve_op
+from .passes.ops import OPS
 
 from .capture import as_tuple, capture, is_captured
-
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -32,52 +31,15 @@ class Cost:
         return f"{self.macs / 1e6:.2f} MMACs, {self.params / 1e6:.3f} M params"
 
 
-def _out(node):
-    return [(node, d) for d in range(node.meta["val"].dim())]
-
-
-def _conv_term(node):
-    transposed = "transpose" in node.target._opname or (
-        node.target is aten.convolution.default and node.args[6])
-    w = node.args[1]
-    side = node.args[0] if transposed else node  # per input (transposed) or output position
-    return [_out(side) + [(w, d) for d in range(1, w.meta["val"].dim())]]
-
-
-def _linear_term(node):
-    return [_out(node) + [(node.args[1], 1)]]
-
-
-def _matmul_term(node):
-    a = node.args[0]
-    return [_out(node) + [(a, a.meta["val"].dim() - 1)]]
-
-
-def _sdpa_terms(node):
-    q, k = node.args[0], node.args[1]
-    source = (k, k.meta["val"].dim() - 2)
-    return [_out(q) + [source], _out(node) + [source]]
-
-
-CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
-            "convolution", "conv_transpose1d", "conv_transpose1d.input", "conv_transpose2d.input",
-            "conv_transpose3d.input")
-MAC_TERMS = {
-    **{resolve_op(name): _conv_term for name in CONV_OPS},
-    aten.linear.default: _linear_term,
-    aten.matmul.default: _matmul_term,
-    aten.bmm.default: _matmul_term,
-    aten.mm.default: _matmul_term,
-    aten.scaled_dot_product_attention.default: _sdpa_terms,
-}
-MAC_TERMS.pop(None, None)
+def _macs(node):
+    entry = OPS.get(node.target) if node.op == "call_function" else None
+    return entry.macs if entry is not None else None
 
 
 def mac_terms_by_node(gm: fx.GraphModule) -> list:
-    """(node, its terms) for each MAC-counted op: a term is a list of
-    (node, dim) whose sizes multiply."""
-    return [(node, MAC_TERMS[node.target](node)) for node in gm.graph.nodes
-            if node.op == "call_function" and node.target in MAC_TERMS]
+    """(node, its terms) for each MAC-counted op (its op-table entry has
+    `macs`): a term is a list of (node, dim) whose sizes multiply."""
+    return [(node, _macs(node)(node)) for node in gm.graph.nodes if _macs(node) is not None]
 
 
 def mac_terms(gm: fx.GraphModule) -> list:

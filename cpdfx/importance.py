@@ -31,11 +31,7 @@ import torch
 
 from .losses import cross_entropy, logits_of
 
-aten = torch.ops.aten
-
-# norm op -> index of its weight (gamma) argument
-NORM_WEIGHT_ARG = {aten.batch_norm.default: 1, aten.instance_norm.default: 1,
-                   aten.layer_norm.default: 2, aten.group_norm.default: 2}
+from .passes.ops import OPS, arg
 
 
 def group_slices(gm, comb, group, tensors=None):
@@ -119,13 +115,14 @@ def _abs_sum(tensor, d):
 
 
 def _norm_weights(gm) -> dict:
-    """The gamma parameters of the graph's norm ops, by name."""
+    """The gamma parameters of the graph's norm ops (the argument their op-table
+    entry names `scale`), by name."""
     params = dict(gm.named_parameters())
     names = {}
     for node in gm.graph.nodes:
-        index = NORM_WEIGHT_ARG.get(node.target) if node.op == "call_function" else None
-        if index is not None and len(node.args) > index:
-            w = node.args[index]
+        entry = OPS.get(node.target) if node.op == "call_function" else None
+        if entry is not None and entry.scale is not None:
+            w = arg(node, entry.scale)
             if getattr(w, "op", None) == "get_attr" and w.target in params:
                 names[w.target] = params[w.target]
     return names

@@ -36,13 +36,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from .passes.rules import arg
+from .passes.ops import OPS, arg, transposed
 
 from .cost import batch_values, concrete, mac_terms_by_node
 
-aten = torch.ops.aten
 GRID = (0.125, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # shares of a layer's width the tables are timed at
-CONV2D = (aten.conv2d.default, aten.convolution.default)
 
 
 def channel_block() -> int:
@@ -120,12 +118,12 @@ class LatencyModel:
     # -- the tables --------------------------------------------------------------------
 
     def _layer(self, node, comb) -> Layer | None:
-        """The tabled layer of a conv or linear node, or None (costed by MACs)."""
-        if node.op != "call_function":
-            return None
-        if node.target in CONV2D and arg(node, 6, "transposed", False) is False:
+        """The tabled layer of a conv or linear node (its op-table entry says
+        `latency`), or None (costed by MACs)."""
+        kind = OPS[node.target].latency if node.op == "call_function" and node.target in OPS else None
+        if kind == "conv":
             return _conv_layer(node, comb, self.batch)
-        if node.target is aten.linear.default:
+        if kind == "linear":
             return _linear_layer(node, comb, self.values)
         return None
 
@@ -174,13 +172,14 @@ def _interpolate(grid, table, point) -> float:
 
 
 def _conv_layer(node, comb, batch) -> Layer | None:
-    x, w, out = node.args[0], node.args[1], node
+    """A 2-D conv, not transposed: one table over (in, out) channels, or over
+    the channels of a depthwise conv; other grouped convs are costed by MACs."""
+    x, w, out = arg(node, "input"), arg(node, "weight"), node
     xs, ws, os_ = (t.meta["val"].shape for t in (x, w, out))
-    if len(ws) != 4:
+    if len(ws) != 4 or transposed(node):
         return None
-    groups = arg(node, 8 if node.target is aten.convolution.default else 6, "groups", 1)
-    stride, padding, dilation = (list(arg(node, i, name, d)) for i, name, d in
-                                 ((3, "stride", [1, 1]), (4, "padding", [0, 0]), (5, "dilation", [1, 1])))
+    groups = arg(node, "groups")
+    stride, padding, dilation = (list(arg(node, name)) for name in ("stride", "padding", "dilation"))
     cin, cout, h, wd = int(xs[1]), int(ws[0]), int(xs[2]), int(xs[3])
     kh, kw = int(ws[2]), int(ws[3])
     shape = f"k{kh}x{kw}s{stride}p{padding}d{dilation}hw{h}x{wd}b{batch}"
@@ -195,7 +194,7 @@ def _conv_layer(node, comb, batch) -> Layer | None:
 
 
 def _linear_layer(node, comb, values) -> Layer | None:
-    x, w = node.args[0], node.args[1]
+    x, w = arg(node, "input"), arg(node, "weight")
     rows = math.prod(concrete(s if isinstance(s, int) else s.node.expr, values) for s in x.meta["val"].shape[:-1])
     fan_in, fan_out = (int(s) for s in reversed(w.meta["val"].shape))
     xd, od = comb.node_dims[x.name], comb.node_dims[node.name]

@@ -1,7 +1,7 @@
 """Dependency combing: which channels of which layers must go together.
 
 `comb(gm)` gives every dim of every tensor in the graph a space, runs each
-node's rule from passes/rules.py, and reads off the *groups*: the atomic spaces
+node's comb rule from the op table (passes/ops), and reads off the *groups*: the atomic spaces
 that some parameter or buffer dim is made of. A group is prunable when it is
 larger than one and nothing froze it (graph inputs and outputs, dynamic dims,
 spatial and reduced dims, ops without a rule).
@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .rules import RULES, SPATIAL
+from .ops import OPS, SPATIAL
 from .spaces import Spaces, same_size
 
 
@@ -184,8 +184,8 @@ def comb(gm: fx.GraphModule) -> Comb:
             cx.freeze(cx.dims(node) or [], f"model input '{node.name}'")
         elif node.op == "output":
             cx.freeze_node(node, "model output")
-        elif node.op == "call_function" and node.target in RULES:
-            RULES[node.target].comb(node, cx)
+        elif node.op == "call_function" and node.target in OPS:
+            OPS[node.target].comb(node, cx)
         elif node.op in ("call_function", "call_module", "call_method"):
             cx.freeze_node(node, f"no rule for {_op_name(node.target)}")
     spaces = cx.spaces

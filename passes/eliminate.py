@@ -16,7 +16,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .comb import Comb, kept_indices
-from .rules import RULES
+from .ops import OPS
 
 KEPT = "cpdfx_kept"
 
@@ -80,7 +80,7 @@ def eliminate(gm: fx.GraphModule, comb: Comb, keep: dict) -> fx.GraphModule:
         _slice_tensor(slim, name, dims)
     rx = RewriteContext(comb, keep)
     for node in slim.graph.nodes:
-        rule = RULES.get(node.target) if node.op == "call_function" else None
+        rule = OPS.get(node.target) if node.op == "call_function" else None
         if rule is not None and rule.rewrite is not None and keep:
             rule.rewrite(node, rx)
     slim.recompile()

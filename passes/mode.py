@@ -10,21 +10,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .rules import arg, set_arg
+from .ops import OPS, arg, set_arg
 
 aten = torch.ops.aten
 
 TRAIN_VALUE = "cpdfx_train_value"
-
-# op -> (argument index, name, value in eval); the train value is what capture saw
-MODE_ARGS = {
-    aten.batch_norm.default: (5, "training", False),
-    aten.dropout.default: (2, "train", False),
-    aten.dropout_.default: (2, "train", False),
-    aten.feature_dropout.default: (2, "train", False),
-    aten.alpha_dropout.default: (2, "train", False),
-    aten.scaled_dot_product_attention.default: (4, "dropout_p", 0.0),
-}
 
 
 def _is_batch_counter(node: fx.Node) -> bool:
@@ -36,10 +26,10 @@ def _is_batch_counter(node: fx.Node) -> bool:
 CAPTURED_TRAINING = "cpdfx_captured_training"
 
 
-def _train_value(node, index, name, eval_value, captured_training):
+def _train_value(node, name, eval_value, captured_training):
     """The argument's train-mode value: as captured, or for a graph captured in
     eval mode, True for the on/off flags (dropout rates stay as they were)."""
-    value = arg(node, index, name, eval_value)
+    value = arg(node, name, eval_value)
     return True if (not captured_training and isinstance(eval_value, bool)) else value
 
 
@@ -49,13 +39,14 @@ def set_mode(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is aten.batch_norm.default and node.args[3] is None:
+        entry = OPS.get(node.target)
+        if entry is not None and entry.running_stats and arg(node, entry.running_stats[0]) is None:
             continue  # no running statistics: batch statistics in both modes
-        if node.target in MODE_ARGS:
-            index, name, eval_value = MODE_ARGS[node.target]
+        if entry is not None and entry.mode is not None:
+            name, eval_value = entry.mode  # the op table says which argument, and its eval value
             if TRAIN_VALUE not in node.meta:
-                node.meta[TRAIN_VALUE] = _train_value(node, index, name, eval_value, captured_training)
-            set_arg(node, index, name, node.meta[TRAIN_VALUE] if training else eval_value)
+                node.meta[TRAIN_VALUE] = _train_value(node, name, eval_value, captured_training)
+            set_arg(node, name, node.meta[TRAIN_VALUE] if training else eval_value)
         elif _is_batch_counter(node):
             node.meta.setdefault(TRAIN_VALUE, node.args[1])
             node.args = (node.args[0], node.meta[TRAIN_VALUE] if training else 0)
