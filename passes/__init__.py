@@ -3,7 +3,6 @@ from .comb import Comb, Group, comb, kept_indices
 from .eliminate import eliminate, propagate_shapes
 from .mode import set_mode
 from .ops import OPS, Op
-from .rules import RULES, Rule
 
-__all__ = ["Comb", "Group", "OPS", "Op", "RULES", "Rule", "comb", "eliminate", "kept_indices",
+__all__ = ["Comb", "Group", "OPS", "Op", "comb", "eliminate", "kept_indices",
            "propagate_shapes", "set_mode"]

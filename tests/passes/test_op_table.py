@@ -5,7 +5,6 @@ import operator
 import pytest
 import torch
 
-from cpdfx import passes
 from cpdfx.passes import ops
 
 aten = torch.ops.aten
@@ -26,7 +25,6 @@ def test_each_op_has_one_entry():
     with pytest.raises(ValueError, match="two entries"):
         ops.op("relu")(lambda node, cx: None)
     assert operator.getitem in ops.OPS
-    assert passes.RULES is ops.OPS and passes.Rule is ops.Op  # the old names
 
 
 def test_the_table_answers_what_other_code_asked_its_own_lists():
