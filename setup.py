@@ -2,7 +2,7 @@ from setuptools import setup
 
 setup(
     name="cpdfx",
-    version="0.1.0",
+    version=open("cpdfx/version.py", encoding="utf-8").read().split('"')[1],
     description="Compile-time structured pruning of PyTorch vision models on torch.fx graphs",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

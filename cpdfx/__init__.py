@@ -18,10 +18,9 @@ from .budget import BudgetError, Constraints, Target
 from .prune import prune
 from .pruner import Pruner, slice_optimizer
 from .report import format_report
+from .version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Target",
+__all__ = ["__version__", "BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Target",
            "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
            "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
            "load", "prune", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer"]

@@ -20,11 +20,20 @@ from pathlib import Path
 
 import torch
 
-from .capture import CaptureError
-from .data import DataError
-from .export import ExportError, LoadError, first_line
+from . import zoo
+from .bench import bench
+from .budget import BudgetError
+from .capture import CaptureError, capture
+from .compress import compress
+from .data import DataError, resolve_data
+from .distill import distill
+from .export import ExportError, LoadError, export_onnx, first_line, load, save
 from .files import write_json
-from .prune import BudgetError
+from .models import MODELS
+from .passes import comb
+from .pipeline import run_demo, ship
+from .prune import prune
+from .report import format_report
 
 TASKS = ("classification", "segmentation")
 FILE, FOLDER = False, True  # what a subcommand's output arguments name (its `outputs` default)
@@ -48,12 +57,10 @@ def load_model(spec: str, task: str = "classification", x: torch.Tensor | None =
     A built-in model or a factory that takes `in_channels`, `image_size` or
     `num_classes` gets them from the example input x and the data's classes,
     unless the spec sets them."""
-    from .models import MODELS
     name, kwargs = _call(spec)
     if name in MODELS:
         return _build(spec, MODELS[name], _fit(MODELS[name], kwargs, x, data))
     if spec.endswith(".pt2"):
-        from .export import load
         return load(spec)
     if name.startswith("hf:"):
         return _transformers_model(name[3:], kwargs, task)
@@ -114,7 +121,6 @@ def _call(spec: str) -> tuple[str, dict]:
 
 
 def _transformers_model(name: str, kwargs: dict, task: str) -> torch.nn.Module:
-    from . import zoo
     if name in zoo.FAMILIES:
         return _build(f"hf:{name}", functools.partial(zoo.build, name), kwargs)
     transformers = zoo._hf()
@@ -150,7 +156,6 @@ def example_input(args, data=None) -> torch.Tensor:
 
 
 def load_data(args, split: str, augment=None):
-    from .data import resolve_data
     return resolve_data(args.data, args.task, split, augment=augment, image_size=args.image_size,
                         normalize=args.normalize)
 
@@ -186,7 +191,6 @@ def check_writable(path, folder: bool) -> None:
 
 
 def write_report(report: dict, path: Path) -> None:
-    from .report import format_report
     print(format_report(report))
     write_json(path, report)
     print(f"\nreport written to {path}")
@@ -195,9 +199,6 @@ def write_report(report: dict, path: Path) -> None:
 # -- subcommands -----------------------------------------------------------------------------
 
 def cmd_inspect(args) -> None:
-    from .passes import comb
-
-    from . import capture
     x = example_input(args)
     gm = capture(load_model(args.model, args.task, x).eval(), x)
     groups = comb(gm)
@@ -207,7 +208,6 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from . import prune, save
     data = load_data(args, "train", augment=False) if args.data else None
     x = example_input(args, data)
     model = load_model(args.model, args.task, x, data).eval()
@@ -227,7 +227,6 @@ def cmd_prune(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from . import capture, distill, save
     train, test = load_data(args, "train"), load_data(args, "test")
     x = example_input(args, train)
     student = load_model(args.student, args.task, x, train)
@@ -242,14 +241,12 @@ def cmd_distill(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import export_onnx
     x = example_input(args)
     path = export_onnx(load_model(args.model, args.task, x), x, args.out, opset=args.opset)
     print(f"exported to {path} (checked against onnxruntime)")
 
 
 def cmd_bench(args) -> None:
-    from . import bench
     models, protos = {}, []
     for path in args.onnx:
         name, _, file = path.rpartition("=") if "=" in path else (Path(path).stem, "", path)
@@ -303,12 +300,19 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_compress(args) -> None:
-    from .pipeline import run_compress
-    run_compress(args)
+    train, val = load_data(args, "train"), load_data(args, "test", augment=False)
+    x = example_input(args, train)
+    model = load_model(args.model, args.task, x, train).eval()
+    out = Path(args.out)
+    result = compress(model, x, train, val, task=args.task, **budget(args), importance=args.importance,
+                      prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to,
+                      min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
+                      labels=args.labels, out_dir=out / "train", resume=args.resume, batch_size=args.batch_size,
+                      lr=args.lr)
+    ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}")
 
 
 def cmd_demo(args) -> None:
-    from .pipeline import run_demo
     run_demo(args)
 
 

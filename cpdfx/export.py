@@ -33,6 +33,7 @@ from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, is_captu
 from .cost import batch_values, concrete, cost
 from .files import atomic_path
 from .report import REPORT
+from .version import __version__
 
 META_FILE = "cpdfx.json"
 
@@ -85,7 +86,7 @@ def export_onnx(model, example_inputs, path, *, opset: int = 17, atol: float = 1
                           f"may have one.") from err
     _check_parity(proto, dict(zip(inputs, bigger)), dict(zip(outputs, expected)), atol, rtol)
     props = {"cpdfx.macs": str(per_sample.macs), "cpdfx.params": str(per_sample.params),
-             "cpdfx.version": _version()}
+             "cpdfx.version": __version__}
     if REPORT in gm.meta:
         props["cpdfx.report"] = json.dumps(gm.meta[REPORT])
     props.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
@@ -309,8 +310,3 @@ def _describe(model) -> str:
 def first_line(err) -> str:
     line = next((s.strip() for s in str(err).splitlines() if s.strip()), type(err).__name__).rstrip(".")
     return line if len(line) <= 300 else line[:297] + "..."
-
-
-def _version() -> str:
-    import cpdfx  # at call time: cpdfx/__init__ may import this module
-    return cpdfx.__version__

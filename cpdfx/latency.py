@@ -38,7 +38,9 @@ from tqdm.auto import tqdm
 
 from .passes.ops import OPS, arg, transposed
 
+from .bench import _machine, bench
 from .cost import batch_values, concrete, mac_terms_by_node
+from .export import export_onnx
 
 GRID = (0.125, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # shares of a layer's width the tables are timed at
 
@@ -250,7 +252,6 @@ class _Cache:
 
     def __init__(self, folder, block, threads):
         import onnxruntime as ort
-        from .bench import _machine
         machine = _machine(["CPUExecutionProvider"], threads)
         ident = json.dumps([machine["cpu"], machine["cores"], threads, block, ort.__version__])
         self.path = None
@@ -287,7 +288,6 @@ class Measured:
     share of it, timed in interleaved runs (see cpdfx.bench)."""
 
     def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, repeats: int = 20):
-        from .export import export_onnx
         self.folder = tempfile.TemporaryDirectory(prefix="cpdfx-latency-")
         self.example_inputs, self.batch, self.threads, self.repeats = example_inputs, batch, threads, repeats
         self.original = export_onnx(gm, example_inputs, Path(self.folder.name) / "original.onnx")
@@ -299,8 +299,6 @@ class Measured:
 
     def share(self, slim) -> float:
         """slim's median latency over the original's, in the same runs."""
-        from .bench import bench
-        from .export import export_onnx
         path = export_onnx(slim, self.example_inputs, Path(self.folder.name) / "slim.onnx")
         result = bench({"original": self.original, "slim": path}, self.shape, batch_sizes=(self.batch,),
                        threads=self.threads, warmup=3, repeats=self.repeats, progress=False)

@@ -19,21 +19,6 @@ from .export import export_onnx, save
 from .report import format_report
 
 
-def run_compress(args) -> dict:
-    """`cpdfx compress`: see the subcommand's help."""
-    from .cli import budget, count_or_share, example_input, load_data, load_model
-    train, val = load_data(args, "train"), load_data(args, "test", augment=False)
-    x = example_input(args, train)
-    model = load_model(args.model, args.task, x, train).eval()
-    out = Path(args.out)
-    result = compress(model, x, train, val, task=args.task, **budget(args), importance=args.importance,
-                      prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to,
-                      min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
-                      labels=args.labels, out_dir=out / "train", resume=args.resume, batch_size=args.batch_size,
-                      lr=args.lr)
-    return ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}")
-
-
 def ship(teacher, slim, x, val, task: str, out: Path, *, title: str, repeats: int = 30,
          batch_sizes=(1, 8)) -> dict:
     """Save, export, time and report the original and the slim model in out/."""

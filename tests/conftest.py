@@ -5,6 +5,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# subprocesses (the CLI, fresh interpreters) import this checkout's cpdfx, as the test process does,
+# whatever was installed last; test_readme checks the installed package without it
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                          os.environ.get("PYTHONPATH")]))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
