@@ -56,7 +56,7 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
     monkeypatch.setitem(cpdfx.prune.__globals__, "plan", spy_plan)
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.7,
-                       latency_options={"cache": False, "progress": False, "repeats": 1})
+                       latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
     assert asked[0] == 0.7 and asked[1] == pytest.approx(0.7 * 0.7 / 0.85)  # tightened after 0.85
     assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.71  # within 2 points, so kept
     assert len(asked) == 2
@@ -75,4 +75,4 @@ def test_latency_budget_that_cannot_be_met_says_so(monkeypatch):
     monkeypatch.setitem(cpdfx.prune.__globals__, "Measured", Slow)
     with pytest.raises(cpdfx.BudgetError, match="latency=0.7 was not reached"):
         cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
-                    latency_options={"cache": False, "progress": False, "repeats": 1})
+                    latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
