@@ -322,8 +322,8 @@ def fingerprint(model: nn.Module | None, weights: bool = True) -> str | None:
     """A digest of a model's state: the names, shapes and dtypes of its tensors
     and, with weights, their values (not their device or memory format). A
     resumed run compares the teacher's and the student's architecture with the
-    interrupted run's: another teacher (a built-in model re-created with new
-    random weights) would silently make it another run."""
+    interrupted run's: another teacher (a model built again from new random
+    weights) would silently make it another run."""
     if model is None:
         return None
     digest = hashlib.blake2b(digest_size=16)
@@ -345,8 +345,7 @@ def load_checkpoint(path: Path, config: dict, fingerprints: dict) -> dict:
         raise ValueError(f"cannot resume from {path}: the checkpoint was made with another teacher (its weights "
                          f"differ from those of the teacher given now, or one of the two runs had none), so the "
                          f"resumed run would learn from another model. Pass the same teacher, e.g. saved with "
-                         f"cpdfx.save and given as its .pt2 file (a built-in model name makes new random weights "
-                         f"every time), or give a new out_dir to start afresh.")
+                         f"cpdfx.save and given as its .pt2 file, or give a new out_dir to start afresh.")
     if saved["student"] != fingerprints["student"]:
         raise ValueError(f"cannot resume from {path}: the checkpoint was made from a student of another "
                          f"architecture (the names or shapes of its layers differ from those of the student given "
