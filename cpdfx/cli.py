@@ -33,7 +33,7 @@ from .models import MODELS
 from .passes import comb
 from .pipeline import run_demo, ship
 from .prune import prune
-from .report import format_report
+from .report import REPORT, format_report
 
 TASKS = ("classification", "segmentation")
 FILE, FOLDER = False, True  # what a subcommand's output arguments name (its `outputs` default)
@@ -169,15 +169,15 @@ def count_or_share(value: float):
     return int(value) if value >= 1 else value
 
 
-def check_writable(path, folder: bool) -> None:
+def check_writable(path, folder: bool, flag: str = "--out") -> None:
     """Refuse, before any work, an output that cannot be written: the folder that
     would hold it (the nearest one that exists) is probed with a real temporary
     file, since a read-only file system or a missing permission shows only then."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path}: it is a file, and this command writes a folder there")
+        raise UsageError(f"{flag} {path}: it is a file, and this command writes a folder there")
     if not folder and path.is_dir():
-        raise UsageError(f"--out {path}: it is a folder; give the file to write, e.g. {path / 'model'}")
+        raise UsageError(f"{flag} {path}: it is a folder; give the file to write, e.g. {path / 'model'}")
     parent = path if folder else path.parent
     while not parent.exists():
         parent = parent.parent
@@ -223,7 +223,7 @@ def cmd_prune(args) -> None:
     out = Path(args.out)
     save(slim, out)
     print(f"\nslim model saved to {out}")
-    write_report(slim.meta["cpdfx_report"], out.with_name(out.stem + ".report.json"))
+    write_report(slim.meta[REPORT], out.with_name(out.stem + ".report.json"))
 
 
 def cmd_distill(args) -> None:
@@ -467,7 +467,7 @@ def main(argv=None) -> int:
     try:
         for dest, folder in args.outputs.items():
             if getattr(args, dest, None) is not None:
-                check_writable(getattr(args, dest), folder)
+                check_writable(getattr(args, dest), folder, "--" + dest)
         args.run(args)
     except USER_ERRORS as err:
         print(f"cpdfx {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
