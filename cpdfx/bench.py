@@ -60,13 +60,14 @@ class BenchResult:
                      f"median of {self.rows[0]['repeats'] if self.rows else 0} interleaved runs.")
         return "\n".join(lines)
 
-    def plot(self, path, macs: dict | None = None, accuracy: dict | None = None) -> str:
-        """A PNG of bars: median latency per image of each model, one panel per
-        runtime, device and batch, and accuracy in percent when accuracy (name ->
-        fraction, as evaluate returns it) is given. Every axis starts at 0, so a
-        bar's height is its value and small differences look small; the values
-        are written on the bars. MACs per image (default: the `cpdfx.macs`
-        metadata of each ONNX file) label the models."""
+    def plot(self, path, macs: dict | None = None, accuracy: dict | None = None, metric: str = "top-1") -> str:
+        """A PNG of bars: the median latency of each model, one panel per
+        runtime, device and batch (ms per run of the batch, as markdown() has
+        it), and the metric in percent when accuracy (name -> fraction, as
+        evaluate returns it) is given. Every axis starts at 0, so a bar's height
+        is its value and a small difference looks small; the values are written
+        on the bars. MACs per image (default: the `cpdfx.macs` metadata of each
+        ONNX file) label the models."""
         from matplotlib.figure import Figure  # no pyplot: the global backend stays as it was
 
         macs = {**self._onnx_macs(), **(macs or {})}
@@ -76,11 +77,11 @@ class BenchResult:
         fig = Figure(figsize=(3.2 * (len(series) + bool(accuracy)) + 1, 4.2))
         axes = fig.subplots(1, len(series) + bool(accuracy), squeeze=False)[0]
         for ax, (label, rows) in zip(axes, series.items()):
-            _bars(ax, [_model_label(r["model"], macs) for r in rows], [r["median_ms"] / r["batch"] for r in rows],
-                  "{:.3f} ms", f"latency, {label}", "median ms per image")
+            _bars(ax, [_model_label(r["model"], macs) for r in rows], [r["median_ms"] for r in rows],
+                  "{:.3f} ms", label, "median latency per run (ms)")
         if accuracy:
             _bars(axes[-1], [_model_label(n, macs) for n in accuracy], [100 * a for a in accuracy.values()],
-                  "{:.2f}%", "accuracy", "top-1 (%)", top=100)
+                  "{:.2f}%", metric, f"{metric} (%)", top=100)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")

@@ -52,7 +52,7 @@ def ship(teacher, slim, x, val, task: str, out: Path, *, title: str, repeats: in
     metric = "top1" if task == "classification" else "miou"
     scores = {"original": evaluate(teacher, val, task=task)[metric], "slim": evaluate(slim, val, task=task)[metric]}
     costs = {"original": cost(teacher, x[:1]), "slim": cost(slim, x[:1])}
-    timing.plot(out / "latency.png", macs={k: c.macs for k, c in costs.items()}, accuracy=scores)
+    timing.plot(out / "latency.png", macs={k: c.macs for k, c in costs.items()}, accuracy=scores, metric=metric)
     summary = {"metric": metric, "scores": scores, "macs": {k: c.macs for k, c in costs.items()},
                "params": {k: c.params for k, c in costs.items()}, "bench": timing.rows,
                "machine": timing.machine, "training": list(training)}

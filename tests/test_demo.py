@@ -70,7 +70,7 @@ def test_groups_pruned_counts_every_group_that_shrank(demo):
 def test_report_states_every_training_budget(demo):
     text = (demo.out / "report.md").read_text()
     assert f"{TINY.teacher_epochs} epoch(s) on {TINY.teacher_images:,} digits training images" in text
-    assert f"distilled from the teacher" in text and f"for {TINY.slim_epochs} epoch(s) on {TINY.slim_images:,}" in text
+    assert "distilled from the teacher" in text and f"for {TINY.slim_epochs} epoch(s) on {TINY.slim_images:,}" in text
     assert f"{TINY.val_images:,} digits test images" in text
 
 
