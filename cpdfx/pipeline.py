@@ -234,6 +234,8 @@ def run_demo(args, plan: DemoPlan | None = None) -> dict:
         result = compress(teacher, x, slim_train, val, macs=args.macs, importance=args.importance,
                           prune_steps=plan.prune_steps, epochs=plan.slim_epochs, batch_size=plan.batch_size,
                           lr=plan.lr, round_to=block, out_dir=Path(args.out) / "train")
+        print(f"    top-1 on {len(val)} test images: teacher {result.report['teacher']['top1']:.2%}, "
+              f"slim {result.report['student']['top1']:.2%}")
         print("3/3 exporting to ONNX, timing in onnxruntime, writing the report")
         summary = ship(teacher, result.model, x, val, "classification", Path(args.out), repeats=plan.repeats,
                        threads=threads, training=_budgets(name, plan, args, cached, teacher_train, slim_train, val,
