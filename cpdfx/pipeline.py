@@ -123,7 +123,7 @@ class DemoPlan:
 
 
 PLANS = {"full": DemoPlan(60000, 4, 60000, 2, None, (10, 4)),
-         "quick": DemoPlan(30000, 1, 15000, 1, 2000, (2, 1), repeats=20)}
+         "quick": DemoPlan(30000, 1, 24000, 1, 2000, (2, 1), repeats=20)}
 
 
 def demo_data(plan: DemoPlan):
