@@ -108,7 +108,8 @@ class DemoPlan:
     """What a demo mode trains and times. The teacher trains on the labels
     from scratch; the slim model starts as its copy and is pruned during the
     first half of its epochs while distilled from it. minutes: the whole demo
-    on an idle 2-core machine, (first run, teacher cached), as measured."""
+    on an idle 2-core machine (first run, teacher cached), estimated from
+    runs on a shared one, whose load made them 2-3x slower."""
     teacher_images: int
     teacher_epochs: int
     slim_images: int
