@@ -161,11 +161,11 @@ def teacher_path(name: str, n_images: int, plan: DemoPlan, seed: int = 0) -> Pat
 def demo_teacher(name: str, train, val, plan: DemoPlan, seed: int = 0) -> tuple[torch.nn.Module, bool]:
     """The demo's teacher and whether it came from the cache; trained (and
     cached) when there is none or the cached file cannot be read."""
+    torch.manual_seed(seed)  # the initial weights too: the cache key must decide the weights
     model = _teacher_model(plan, train[0][0].shape[0])
     path = teacher_path(name, len(train), plan, seed)
     if _load_weights(model, path):
         return model.eval(), True
-    torch.manual_seed(seed)
     model = distill(model, None, train, val, epochs=plan.teacher_epochs, batch_size=plan.batch_size,
                     lr=plan.lr, seed=seed).student
     path.parent.mkdir(parents=True, exist_ok=True)
