@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .export import eval_copy
+from .files import atomic_path, write_json
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -36,8 +37,7 @@ class BenchResult:
     models: dict = field(default_factory=dict)
 
     def to_json(self, path) -> str:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=1)
+        write_json(path, asdict(self))
         return str(path)
 
     @classmethod
@@ -59,38 +59,31 @@ class BenchResult:
                      f"median of {self.rows[0]['repeats'] if self.rows else 0} interleaved runs.")
         return "\n".join(lines)
 
-    def plot(self, path, macs: dict | None = None, accuracy: dict | None = None) -> str:
-        """A PNG of median latency per image against MACs per model (one line
-        per runtime, device and batch), and of accuracy against MACs when
-        accuracy (name -> value) is given. MACs default to the `cpdfx.macs`
-        metadata of each ONNX file (per sample); models with neither are left out."""
+    def plot(self, path, macs: dict | None = None, accuracy: dict | None = None, metric: str = "top-1") -> str:
+        """A PNG of bars: the median latency of each model, one panel per
+        runtime, device and batch (ms per run of the batch, as markdown() has
+        it), and the metric in percent when accuracy (name -> fraction, as
+        evaluate returns it) is given. Every axis starts at 0, so a bar's height
+        is its value and a small difference looks small; the values are written
+        on the bars. MACs per image (default: the `cpdfx.macs` metadata of each
+        ONNX file) label the models."""
         from matplotlib.figure import Figure  # no pyplot: the global backend stays as it was
 
         macs = {**self._onnx_macs(), **(macs or {})}
-        if not macs:
-            raise ValueError("plot needs MACs: pass macs={name: MACs} or bench ONNX files written "
-                             "by cpdfx.export_onnx (they carry cpdfx.macs)")
-        fig = Figure(figsize=(11 if accuracy else 6, 4.5))
-        axes = fig.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
         series = {}
         for r in self.rows:
-            if r["model"] in macs:
-                series.setdefault(f"{r['runtime']} {r['device']}, batch {r['batch']}", []).append(r)
-        for label, rows in series.items():
-            points = sorted((macs[r["model"]] / 1e6, r["median_ms"] / r["batch"], r["model"]) for r in rows)
-            axes[0].plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
-            for x, y, name in points:
-                axes[0].annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        axes[0].set(xlabel="MMACs per image", ylabel="median latency per image (ms)", title="latency")
-        axes[0].legend(fontsize=8)
+            series.setdefault(f"{r['runtime']} {r['device']}, batch {r['batch']}", []).append(r)
+        fig = Figure(figsize=(3.2 * (len(series) + bool(accuracy)) + 1, 4.2))
+        axes = fig.subplots(1, len(series) + bool(accuracy), squeeze=False)[0]
+        for ax, (label, rows) in zip(axes, series.items()):
+            _bars(ax, [_model_label(r["model"], macs) for r in rows], [r["median_ms"] for r in rows],
+                  "{:.3f} ms", label, "median latency per run (ms)")
         if accuracy:
-            points = sorted((macs[n] / 1e6, a, n) for n, a in accuracy.items() if n in macs)
-            axes[1].plot([p[0] for p in points], [p[1] for p in points], "o-")
-            for x, y, name in points:
-                axes[1].annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            axes[1].set(xlabel="MMACs per image", ylabel="accuracy", title="accuracy")
+            _bars(axes[-1], [_model_label(n, macs) for n in accuracy], [100 * a for a in accuracy.values()],
+                  "{:.2f}%", metric, f"{metric} (%)", top=100)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         return str(path)
 
     def _onnx_macs(self) -> dict:
@@ -100,6 +93,19 @@ class BenchResult:
             if "cpdfx.macs" in props:
                 out[name] = int(props["cpdfx.macs"])
         return out
+
+
+def _model_label(name: str, macs: dict) -> str:
+    return f"{name}\n{macs[name] / 1e6:.2f} MMACs" if name in macs else name
+
+
+def _bars(ax, labels, values, fmt: str, title: str, ylabel: str, top=None) -> None:
+    """Bars from 0 with their values written on them."""
+    bars = ax.bar(labels, values, color=[f"C{i}" for i in range(len(values))])
+    ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
+    ax.set_ylim(0, top or max(values) * 1.15)
+    ax.set(title=title, ylabel=ylabel)
+    ax.tick_params(axis="x", labelsize=8)
 
 
 def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | None = None,
@@ -128,7 +134,7 @@ def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | N
     groups = len(batch_sizes) * (len(providers) * len(models) + len(devices) * len(torch_models))
     bar = tqdm(total=groups * (warmup + repeats), desc="bench", unit="run", disable=not progress)
     rows = []
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for batch in batch_sizes:
             x = _batch(inputs_or_shape, batch, rank)
             for provider in providers:
@@ -207,7 +213,7 @@ def _rows(times: dict, runtime: str, device: str, batch: int) -> list:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads):
+def torch_threads(threads):
     """torch.set_num_threads for the block, then back to what it was."""
     before = torch.get_num_threads()
     if threads:

@@ -32,7 +32,7 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        yield tmp
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
@@ -42,7 +42,7 @@ def atomic_path(path):
 
 def write_text(path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -4,43 +4,50 @@ in onnxruntime, and write the report, the models and a plot into one folder.
 """
 from __future__ import annotations
 
-import json
+import copy
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
 
+from .bench import bench, torch_threads
 from .compress import compress
 from .cost import cost
 from .data import DataError, resolve_data
 from .distill import distill, evaluate
 from .export import export_onnx, save
-from .report import format_report
+from .files import atomic_path, write_json, write_text
+from .latency import channel_block
+from .models import ResNetTiny
+from .report import REPORT, format_report
+from .version import __version__
 
 
 def ship(teacher, slim, x, val, task: str, out: Path, *, title: str, repeats: int = 30,
-         batch_sizes=(1, 8)) -> dict:
-    """Save, export, time and report the original and the slim model in out/."""
-    from .bench import bench
+         batch_sizes=(1, 8), threads: int | None = None, training=()) -> dict:
+    """Save, export, time and report the original and the slim model in out/.
+    training: lines that state how each model was trained, for the report."""
     out.mkdir(parents=True, exist_ok=True)
     save(slim, out / "slim.pt2")
     paths = {"original": export_onnx(teacher, x, out / "original.onnx"),
              "slim": export_onnx(slim, x, out / "slim.onnx")}
-    timing = bench(paths, tuple(x.shape[1:]), batch_sizes=batch_sizes, repeats=repeats)
+    timing = bench(paths, tuple(x.shape[1:]), batch_sizes=batch_sizes, repeats=repeats, threads=threads)
     timing.to_json(out / "bench.json")
     metric = "top1" if task == "classification" else "miou"
     scores = {"original": evaluate(teacher, val, task=task)[metric], "slim": evaluate(slim, val, task=task)[metric]}
     costs = {"original": cost(teacher, x[:1]), "slim": cost(slim, x[:1])}
-    timing.plot(out / "latency.png", accuracy=scores)
+    timing.plot(out / "latency.png", macs={k: c.macs for k, c in costs.items()}, accuracy=scores, metric=metric)
     summary = {"metric": metric, "scores": scores, "macs": {k: c.macs for k, c in costs.items()},
                "params": {k: c.params for k, c in costs.items()}, "bench": timing.rows,
-               "machine": timing.machine}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    report = slim.meta.get("cpdfx_report", {})
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+               "machine": timing.machine, "training": list(training)}
+    write_json(out / "summary.json", summary)
+    report = slim.meta.get(REPORT, {})
+    write_json(out / "report.json", report)
     text = _markdown(title, summary, timing, report)
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     print("\n" + text)
     return summary
 
@@ -60,8 +67,14 @@ def _markdown(title, summary, timing, report) -> str:
         lines.append(f"| {name} | {scores[name]:.2%} | {summary['macs'][name] / 1e6:.2f} M | "
                      f"{summary['params'][name] / 1e6:.3f} M | " + " | ".join(cells) + " |")
     m = timing.machine
-    lines += ["", f"onnxruntime {m['onnxruntime']} on {m['cpu']} ({m['cores']} cores), "
-              f"median of {timing.rows[0]['repeats']} interleaved runs; the plot is latency.png.", ""]
+    change = (scores["slim"] - scores["original"]) * 100
+    lines += ["", f"{metric}: {change:+.2f} points for the slim model at "
+              f"{summary['macs']['slim'] / summary['macs']['original']:.1%} of the MACs per image.", ""]
+    if summary["training"]:
+        lines += ["## Training budgets", ""] + [f"- {line}" for line in summary["training"]] + [""]
+    lines += [f"onnxruntime {m['onnxruntime']} on {m['cpu']} ({m['cores']} cores, "
+              f"{m['threads'] or 'default'} threads), median of {timing.rows[0]['repeats']} interleaved runs; "
+              f"the plot is latency.png.", ""]
     if report.get("layers"):
         lines += ["## Pruning report", "", "```", format_report(report), "```", ""]
     return "\n".join(lines)
@@ -69,46 +82,157 @@ def _markdown(title, summary, timing, report) -> str:
 
 # -- the demo ------------------------------------------------------------------------------
 
-def demo_data(quick: bool):
-    """Fashion-MNIST (digits when it is not installed): 20k training images, or
-    3k with --quick, so that the demo fits in minutes on two cores."""
+@dataclass(frozen=True)
+class DemoPlan:
+    """What a demo mode trains and times. The teacher trains on the labels
+    from scratch; the slim model starts as its copy and is pruned during the
+    first half of its epochs while distilled from it. minutes: the whole demo
+    on an idle 2-core machine (first run, teacher cached), estimated from
+    runs on a shared one, whose load made them 2-3x slower."""
+    teacher_images: int
+    teacher_epochs: int
+    slim_images: int
+    slim_epochs: int
+    val_images: int | None
+    minutes: tuple
+    widths: tuple = (16, 32, 64)
+    lr: float = 3e-3
+    batch_size: int = 64
+    prune_steps: int = 3
+    repeats: int = 30
+
+
+PLANS = {"full": DemoPlan(60000, 4, 60000, 2, None, (10, 4)),
+         "quick": DemoPlan(30000, 1, 24000, 1, 2000, (2, 1), repeats=20)}
+
+
+def demo_data(plan: DemoPlan):
+    """Fashion-MNIST (scikit-learn's digits when it is not installed), not
+    augmented: the short budgets get further on the plain images. The slim
+    model's images are the first of the teacher's."""
     try:
-        train = resolve_data("fashion-mnist", split="train", normalize=True)
+        train = resolve_data("fashion-mnist", split="train", augment=False, normalize=True)
         val = resolve_data("fashion-mnist", split="test", augment=False, normalize=True)
         name = "Fashion-MNIST"
     except DataError as err:
         print(f"{err} Using scikit-learn's digits instead.")
-        train, val = resolve_data("digits", split="train"), resolve_data("digits", split="test", augment=False)
+        train, val = resolve_data("digits", split="train", augment=False), resolve_data("digits", split="test")
         name = "digits"
     g = torch.Generator().manual_seed(0)
-    train = Subset(train, torch.randperm(len(train), generator=g)[:3000 if quick else 20000].tolist())
-    if quick:
-        val = Subset(val, torch.randperm(len(val), generator=g)[:1000].tolist())
-    return name, train, val
+    order = torch.randperm(len(train), generator=g).tolist()
+    if plan.val_images and plan.val_images < len(val):
+        val = Subset(val, torch.randperm(len(val), generator=g)[:plan.val_images].tolist())
+    return name, Subset(train, order[:plan.teacher_images]), Subset(train, order[:plan.slim_images]), val
 
 
-def run_demo(args) -> dict:
-    """`cpdfx demo`: train a small ResNet, compress it with distillation, ship it.
-    Pruned channel counts are multiples of onnxruntime's channel block on this
-    CPU, so that the saved MACs show as latency."""
-    from .latency import channel_block
-    from .models import ResNetTiny
-    torch.manual_seed(0)
-    name, train, val = demo_data(args.quick)
-    out = Path(args.out)
-    widths, epochs = ((8, 16, 32), 1) if args.quick else ((16, 32, 64), 2)
-    teacher = ResNetTiny(num_classes=10, in_channels=1, widths=widths)
+def demo_cache() -> Path:
+    """Where demo teachers are kept: $CPDFX_CACHE/demo (default ~/.cache/cpdfx/demo)."""
+    return Path(os.environ.get("CPDFX_CACHE", Path.home() / ".cache" / "cpdfx")) / "demo"
+
+
+def teacher_path(name: str, n_images: int, plan: DemoPlan, seed: int = 0) -> Path:
+    """The cache file of a teacher: everything that decides its weights is in the name."""
+    widths = "-".join(map(str, plan.widths))
+    return demo_cache() / (f"teacher-{name}-n{n_images}-w{widths}-e{plan.teacher_epochs}-lr{plan.lr:g}"
+                           f"-b{plan.batch_size}-s{seed}-cpdfx{__version__}.pt")
+
+
+def demo_teacher(name: str, train, val, plan: DemoPlan, seed: int = 0) -> tuple[torch.nn.Module, bool]:
+    """The demo's teacher and whether it came from the cache; trained (and
+    cached) when there is none or the cached file cannot be read."""
+    torch.manual_seed(seed)  # the initial weights too: the cache key must decide the weights
+    model = _teacher_model(plan, train[0][0].shape[0])
+    path = teacher_path(name, len(train), plan, seed)
+    if _load_weights(model, path):
+        return model.eval(), True
+    model = distill(model, None, train, val, epochs=plan.teacher_epochs, batch_size=plan.batch_size,
+                    lr=plan.lr, seed=seed).student
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return model.eval(), False
+
+
+def _teacher_model(plan: DemoPlan, in_channels: int) -> torch.nn.Module:
+    return ResNetTiny(num_classes=10, in_channels=in_channels, widths=plan.widths)
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # a truncated or foreign file fails in many ways; each means "train again"
+        print(f"the cached teacher {path} cannot be read ({type(err).__name__}); training it again")
+        return False
+    return True
+
+
+def training_threads(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """1 or all of torch's threads, whichever trains `model` faster now: on a
+    machine whose cores other processes also use, two threads run a small
+    model's training step many times slower than one."""
+    choices = sorted({1, torch.get_num_threads()})
+    return min(choices, key=lambda threads: _step_seconds(model, x, threads)) if len(choices) > 1 else 1
+
+
+def _step_seconds(model, x, threads: int) -> float:
+    """Median seconds of a training step (forward and backward) of a copy of model on x."""
+    model = copy.deepcopy(model).train()
+    with torch_threads(threads):
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            model(x).sum().backward()
+            times.append(time.perf_counter() - start)
+    return sorted(times[1:])[1]
+
+
+def run_demo(args, plan: DemoPlan | None = None) -> dict:
+    """`cpdfx demo`: train (or load) a teacher, compress it with distillation,
+    ship both. Pruned channel counts are multiples of onnxruntime's channel
+    block on this CPU, so that the saved MACs show as latency."""
+    plan = plan or PLANS["quick" if args.quick else "full"]
     started = time.perf_counter()
-    print(f"1/3 training the teacher on {name} ({len(train)} images, {epochs + 1} epoch(s))")
-    teacher = distill(teacher, None, train, val, epochs=epochs + 1, batch_size=128, lr=3e-3).student
-    block = 1 if args.quick else channel_block()
-    print(f"2/3 compressing to {args.macs:.0%} MACs while distilling ({args.importance}, {epochs} epoch(s), "
-          f"channel counts in multiples of {block})")
-    x = torch.stack([train[0][0], train[1][0]])
-    result = compress(teacher, x, train, val, macs=args.macs, importance=args.importance, prune_steps=3,
-                      epochs=epochs, batch_size=128, lr=3e-3, round_to=block, out_dir=out / "train")
-    print("3/3 exporting to ONNX and timing in onnxruntime")
-    summary = ship(teacher, result.model, x, val, "classification", out, repeats=10 if args.quick else 30,
-                   title=f"cpdfx demo: ResNetTiny on {name}, {args.macs:.0%} MACs, {args.importance}")
-    print(f"done in {time.perf_counter() - started:.0f} s; report, models and plot in {out}/")
+    name, teacher_train, slim_train, val = demo_data(plan)
+    cached = teacher_path(name, len(teacher_train), plan).is_file()
+    print(f"cpdfx demo: about {plan.minutes[cached]} minute(s) on an idle 2-core machine"
+          f"{'' if cached else '; the teacher is cached after this first run'}")
+    x = torch.stack([teacher_train[0][0], teacher_train[1][0]])
+    threads = training_threads(_teacher_model(plan, x.shape[1]), x.repeat(plan.batch_size // 2, 1, 1, 1))
+    with torch_threads(threads):
+        print(f"1/3 teacher: ResNetTiny {'-'.join(map(str, plan.widths))}, {plan.teacher_epochs} epoch(s) on "
+              f"{len(teacher_train)} {name} images, " + ("from the cache" if cached else
+                                                          f"training on {threads} thread(s)"))
+        teacher, cached = demo_teacher(name, teacher_train, val, plan)
+        block = channel_block()
+        print(f"2/3 compressing to {args.macs:.0%} MACs while distilling from the teacher: {plan.slim_epochs} "
+              f"epoch(s) on {len(slim_train)} images, {args.importance} in {plan.prune_steps} steps, "
+              f"channel counts in multiples of {block}")
+        result = compress(teacher, x, slim_train, val, macs=args.macs, importance=args.importance,
+                          prune_steps=plan.prune_steps, epochs=plan.slim_epochs, batch_size=plan.batch_size,
+                          lr=plan.lr, round_to=block, out_dir=Path(args.out) / "train")
+        print(f"    top-1 on {len(val)} test images: teacher {result.report['teacher']['top1']:.2%}, "
+              f"slim {result.report['student']['top1']:.2%}")
+        print("3/3 exporting to ONNX, timing in onnxruntime, writing the report")
+        summary = ship(teacher, result.model, x, val, "classification", Path(args.out), repeats=plan.repeats,
+                       threads=threads, training=_budgets(name, plan, args, cached, teacher_train, slim_train, val,
+                                                          result.report["loss"]),
+                       title=f"cpdfx demo: ResNetTiny on {name}, {args.macs:.0%} MACs, {args.importance}")
+    print(f"done in {time.perf_counter() - started:.0f} s; report, models and plot in {args.out}/")
     return summary
+
+
+def _budgets(name, plan: DemoPlan, args, cached: bool, teacher_train, slim_train, val, loss: str) -> list:
+    """What each model was trained on and for how long, for the report: the
+    slim model's extra epochs are part of any comparison with the teacher."""
+    extra = plan.slim_epochs * len(slim_train)
+    return [f"original (the teacher): ResNetTiny {'-'.join(map(str, plan.widths))} trained from scratch on "
+            f"the labels, {plan.teacher_epochs} epoch(s) on {len(teacher_train):,} {name} training images "
+            f"(batch {plan.batch_size}, AdamW, lr {plan.lr:g}, cosine; "
+            f"{'loaded from the cache' if cached else 'trained in this run'}).",
+            f"slim: the teacher's copy, pruned to {args.macs:.0%} MACs by {args.importance} in {plan.prune_steps} "
+            f"steps during the first half of its training, distilled from the teacher ({loss}) for "
+            f"{plan.slim_epochs} epoch(s) on {len(slim_train):,} of the same images: {plan.slim_epochs} epoch(s) "
+            f"({extra:,} image passes) longer than the teacher trained.",
+            f"Accuracy is measured on {len(val):,} {name} test images that neither model trained on."]

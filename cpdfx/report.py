@@ -6,7 +6,10 @@ into ONNX metadata and saved models); `format_report` prints it as tables.
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch.utils import _pytree as pytree
 
+from .capture import as_tuple
 from .cost import cost
 
 REPORT = "cpdfx_report"  # the key of a slim graph's meta that holds its report
@@ -17,23 +20,35 @@ def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=Non
     """The report of pruning `gm` into `slim`; `chosen` is the plan (prune.Plan)
     that was made on `groups` (the comb of the graph it was applied to), and
     original_sizes gives those groups' sizes in gm when that graph was already
-    smaller (the step-wise pruner's later steps)."""
-    before = cost(gm, example_inputs)
-    after = cost(slim, example_inputs)
+    smaller (the step-wise pruner's later steps). MACs are per image: the
+    example batch's size is the caller's choice, not the model's cost."""
+    one = one_image(example_inputs)
+    before, after = cost(gm, one), cost(slim, one)
+    groups_report = _groups(groups, chosen, original_sizes or {})
     report = {
         "criterion": str(criterion),
         "target": target.as_dict(),
         "achieved": {"macs": after.macs / before.macs, "params": after.params / before.params},
         "macs": [before.macs, after.macs],
         "params": [before.params, after.params],
-        "groups_pruned": len(chosen.keep),
+        "groups_pruned": sum(g["size"][1] < g["size"][0] for g in groups_report),
         "groups_prunable": chosen.groups_prunable,
         "layers": _layers(gm, slim),
-        "groups": _groups(groups, chosen, original_sizes or {}),
+        "groups": groups_report,
     }
     if latency_model is not None:
         report["achieved"]["latency_estimate"] = latency_model(chosen.counts) / latency_model()
     return report
+
+
+def one_image(example_inputs):
+    """The first sample of every batched tensor input (the batch dim is the
+    first, as capture makes it dynamic): the inputs for per-image costs."""
+    if example_inputs is None:
+        return None
+    one = pytree.tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x,
+                          as_tuple(example_inputs))
+    return one if isinstance(example_inputs, tuple) else one[0]
 
 
 def _layers(gm, slim) -> list:
@@ -74,9 +89,9 @@ def format_report(report: dict) -> str:
     target = ", ".join(f"{k} {v:.0%}" for k, v in report["target"].items())
     achieved = ", ".join(f"{k} {v:.1%}" for k, v in report["achieved"].items())
     lines = [f"criterion {report['criterion']}; target {target}; achieved {achieved}",
-             f"MACs   {m0 / 1e6:,.2f} M -> {m1 / 1e6:,.2f} M",
+             f"MACs   {m0 / 1e6:,.2f} M -> {m1 / 1e6:,.2f} M per image",
              f"params {p0 / 1e6:,.3f} M -> {p1 / 1e6:,.3f} M",
-             f"groups pruned {report['groups_pruned']} of {report['groups_prunable']}"]
+             f"groups pruned {report['groups_pruned']} of {report['groups_prunable']} (smaller than at the start)"]
     if len(report.get("steps", ())) > 1:
         lines.append(f"pruned in {len(report['steps'])} steps; the groups' scores are the last step's")
     if report.get("batch_norm_reestimated_on"):
