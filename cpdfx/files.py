@@ -58,3 +58,8 @@ def _jsonable(value):
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     return str(value)
+
+
+def cache_dir() -> Path:
+    """cpdfx's cache (latency tables, demo teachers): $CPDFX_CACHE, else ~/.cache/cpdfx."""
+    return Path(os.environ.get("CPDFX_CACHE") or Path.home() / ".cache" / "cpdfx")

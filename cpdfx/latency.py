@@ -18,7 +18,7 @@ this machine rather than from MACs:
   model errs slow, and `prune(latency=)` measures the result to correct it.
 
 Tables are cached per machine (CPU, cores, threads, onnxruntime version) in
-~/.cache/cpdfx, so each layer shape is measured once.
+$CPDFX_CACHE (default ~/.cache/cpdfx), so each layer shape is measured once.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from .passes.ops import OPS, arg, transposed
 from .bench import _machine, bench
 from .cost import batch_values, concrete, mac_terms_by_node
 from .export import export_onnx
+from .files import cache_dir
 
 GRID = (0.125, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # shares of a layer's width the tables are timed at
 
@@ -256,7 +257,7 @@ class _Cache:
         ident = json.dumps([machine["cpu"], machine["cores"], threads, block, ort.__version__])
         self.path = None
         if folder is not False:
-            folder = Path(folder or os.environ.get("CPDFX_CACHE", Path.home() / ".cache" / "cpdfx"))
+            folder = Path(folder or cache_dir())
             self.path = folder / f"latency-{hashlib.sha1(ident.encode()).hexdigest()[:12]}.json"
         self.points = {}
         if self.path is not None and self.path.exists():

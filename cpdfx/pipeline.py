@@ -5,7 +5,6 @@ in onnxruntime, and write the report, the models and a plot into one folder.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from .cost import cost
 from .data import DataError, resolve_data
 from .distill import distill, evaluate
 from .export import export_onnx, save
-from .files import atomic_path, write_json, write_text
+from .files import atomic_path, cache_dir, write_json, write_text
 from .latency import channel_block
 from .models import ResNetTiny
 from .report import REPORT, format_report
@@ -127,7 +126,7 @@ def demo_data(plan: DemoPlan):
 
 def demo_cache() -> Path:
     """Where demo teachers are kept: $CPDFX_CACHE/demo (default ~/.cache/cpdfx/demo)."""
-    return Path(os.environ.get("CPDFX_CACHE", Path.home() / ".cache" / "cpdfx")) / "demo"
+    return cache_dir() / "demo"
 
 
 def teacher_path(name: str, n_images: int, plan: DemoPlan, seed: int = 0) -> Path:

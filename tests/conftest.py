@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # whatever was installed last; test_readme checks the installed package without it
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                           os.environ.get("PYTHONPATH")]))
+os.environ["CPDFX_CACHE"] = tempfile.mkdtemp(prefix="cpdfx-test-cache-")  # no test reads or fills the user's cache
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
