@@ -7,6 +7,7 @@ can be combed and pruned once more.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -115,7 +116,16 @@ def _compose(previous: dict, kept: dict) -> dict:
 
 
 def propagate_shapes(gm: fx.GraphModule) -> None:
-    """Recompute node.meta['val'] with the graph's own (symbolic) inputs."""
+    """Recompute node.meta['val'] with the graph's own (symbolic) inputs.
+
+    Guards are suppressed: some meta kernels branch on the batch size to pick
+    a memory format (upsample_bilinear2d guards Eq(batch, 2) at an example of
+    2), which would specialise the batch of this graph, and, through the shape
+    environment it shares, of the graph it was pruned from. No shape here
+    depends on such a branch."""
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(inputs)
-    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+    with contextlib.ExitStack() as stack:
+        if mode is not None and mode.shape_env is not None:
+            stack.enter_context(mode.shape_env.suppress_guards())
+        FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)

@@ -33,3 +33,16 @@ def test_cost_scales_with_batch_and_counts_params():
     assert one.params == sum(p.numel() for p in model.parameters())
     gm = cpdfx.capture(model, torch.randn(2, 3, 32, 32))
     assert cpdfx.cost(gm, torch.randn(4, 3, 32, 32)) == four  # a captured graph, other batch
+
+
+def test_pruning_keeps_the_batch_symbolic_through_upsampling():
+    """upsample_bilinear2d's meta kernel guards on the batch; re-propagating the
+    slim graph's shapes must not specialise it (the cost at any batch would
+    then be the example's), in the slim graph or in the one it came from."""
+    x = torch.randn(2, 3, 16, 16)
+    gm = cpdfx.capture(MODELS["unet"]().eval(), x)
+    slim = cpdfx.prune(gm, x, macs=0.5)
+    for g in (gm, slim):
+        one, four = (cpdfx.cost(g, torch.randn(b, 3, 16, 16)).macs for b in (1, 4))
+        assert four == 4 * one
+    assert slim(torch.randn(3, 3, 16, 16)).shape[0] == 3
