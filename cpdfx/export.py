@@ -63,7 +63,9 @@ def export_onnx(model, example_inputs, path, *, opset: int = 18, atol: float = 1
     (`cpdfx.macs`, `cpdfx.params`), the pruning report (`cpdfx.report`, JSON)
     when there is one, the cpdfx version and `metadata` (values other than
     strings as JSON). The model is not changed; `path` is written only on
-    success. Returns path. A model torch.export cannot trace raises CaptureError."""
+    success. Returns path. A model torch.export cannot trace raises CaptureError.
+    torch's exporter translates at opset 18 and up; it converts to a lower
+    `opset` where it can and otherwise writes 18 (it does for 17)."""
     args = as_tuple(example_inputs)
     gm = _eval_graph(model, args)
     dynamic = _has_dynamic_batch(gm)
