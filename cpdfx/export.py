@@ -259,8 +259,12 @@ def _plain(text: str) -> str:
 
 def _check_parity(proto, feeds: dict, expected: dict, atol: float, rtol: float) -> None:
     import onnxruntime as ort  # here, not at the top: `import cpdfx` need not load it
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(list(expected), {k: v.numpy() for k, v in feeds.items()})
+    try:  # onnxruntime refuses some files onnx.checker passes (it raises its own kinds)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(list(expected), {k: v.numpy() for k, v in feeds.items()})
+    except Exception as err:
+        raise ExportError(f"onnxruntime cannot run the ONNX export: {type(err).__name__}: "
+                          f"{_plain(first_line(err))}; nothing was written.") from None
     for (name, want), have in zip(expected.items(), got):
         want = want.numpy()
         error = np.abs(have.astype(np.float64) - want)

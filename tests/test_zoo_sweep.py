@@ -13,7 +13,7 @@ import zoo_sweep  # noqa: E402
 SUBSET = [("resnet", "classification", "ResNetForImageClassification"),
           ("vit", "classification", "ViTForImageClassification"),
           ("mobilevit", "classification", "MobileViTForImageClassification"),
-          ("swin", "classification", "SwinForImageClassification"),
+          ("dinov2", "classification", "Dinov2ForImageClassification"),
           ("convnext", "backbone", "ConvNextBackbone"),
           ("segformer", "segmentation", "SegformerForSemanticSegmentation"),
           ("dpt", "depth", "DPTForDepthEstimation"),
