@@ -11,7 +11,7 @@ setup(
     packages=["cpdfx", "cpdfx.passes", "cpdfx.passes.ops"],
     python_requires=">=3.10",
     # torch is pinned in constraints.txt (the CPU wheel); see README
-    install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "sympy", "tqdm", "pillow",
+    install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "onnxscript", "sympy", "tqdm", "pillow",
                       "scikit-learn", "matplotlib"],
     extras_require={"test": ["pytest", "hypothesis", "transformers>=5"],
                     "bench": ["transformers>=5", "torch-pruning"]},

@@ -1,12 +1,9 @@
 """Ship a slim model: ONNX export checked against onnxruntime, and .pt2 save/load.
 
-torch 2.13 exports to ONNX through onnxscript by default (`dynamo=True`); cpdfx
-does not depend on it and uses the TorchScript exporter (`dynamo=False`) on the
-captured ATen graph instead. That exporter traces: it records a size as a
-value only when the size is read and used through the Python API (`x.size(0)`,
-`Tensor.view`, `torch.arange`); through `torch.ops.aten.*` a size is baked in
-as a constant, and the batch would be fixed. `_traceable` rewrites the ops
-that read the batch size to their Python-API form first.
+The ONNX file comes from torch's dynamo exporter (onnxscript): cpdfx re-exports
+its eval-mode graph with torch.export, keeping the batch symbolic as capture
+did, and hands that ExportedProgram to `torch.onnx.export`. The ATen graph is
+translated op by op, so sizes computed from the batch stay symbolic in ONNX.
 """
 from __future__ import annotations
 
@@ -17,6 +14,9 @@ import io
 import json
 import logging
 import os
+import re
+import tempfile
+import traceback
 import warnings
 import zipfile
 
@@ -30,12 +30,13 @@ from .passes import set_mode
 from .passes.eliminate import KEPT
 
 from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, is_captured
-from .cost import batch_values, concrete, cost
+from .cost import Cost, batch_values, concrete, cost
 from .files import atomic_path
 from .report import REPORT
 from .version import __version__
 
 META_FILE = "cpdfx.json"
+BATCH = "batch"  # the ONNX name of the dynamic batch dim
 
 
 class ExportError(RuntimeError):
@@ -46,45 +47,36 @@ class LoadError(ValueError):
     """The file is missing or is not a model saved by cpdfx.save."""
 
 
-def export_onnx(model, example_inputs, path, *, opset: int = 17, atol: float = 1e-4,
+def export_onnx(model, example_inputs, path, *, opset: int = 18, atol: float = 1e-4,
                 rtol: float = 1e-3, metadata: dict | None = None) -> str:
     """Write the eval behaviour of a model (or captured graph) to an ONNX file.
 
-    Every input and output has a dynamic batch dim; the outputs are the model's
-    output pytree flattened, named by their keys ("logits", "classes") where it
-    has keys. The file is checked with onnx.checker and run with onnxruntime at
-    a batch size other than the example's: an output further than atol + rtol x
-    |expected| from torch raises ExportError. The metadata_props hold the MACs
-    per sample and parameters (`cpdfx.macs`, `cpdfx.params`), the pruning
-    report (`cpdfx.report`, JSON) when there is one, the cpdfx version and
-    `metadata` (values other than strings as JSON). The model is not changed; `path` is written only on success.
-    Returns path. A model torch.export cannot trace raises CaptureError."""
+    Inputs and outputs have a dynamic batch dim named "batch" (a graph captured
+    with dynamic_batch=False keeps its one batch size); the outputs are the
+    model's output pytree flattened, named by their keys ("logits", "classes")
+    where it has keys. The file is checked with onnx.checker and run with
+    onnxruntime at a batch size other than the example's (at the example's for
+    a static batch): an output further than atol + rtol x |expected| from torch
+    raises ExportError. A failure to export raises ExportError naming the op,
+    the node and the model part, with the exporter's full log in a file the
+    message names. The metadata_props hold the MACs per sample and parameters
+    (`cpdfx.macs`, `cpdfx.params`), the pruning report (`cpdfx.report`, JSON)
+    when there is one, the cpdfx version and `metadata` (values other than
+    strings as JSON). The model is not changed; `path` is written only on
+    success. Returns path. A model torch.export cannot trace raises CaptureError.
+    torch's exporter translates at opset 18 and up; it converts to a lower
+    `opset` where it can and otherwise writes 18 (it does for 17)."""
     args = as_tuple(example_inputs)
     gm = _eval_graph(model, args)
-    bigger = tuple(torch.cat([x, x[:1]]) for x in args)  # a batch size the trace did not see
-    with torch.no_grad():
-        outputs, expected = gm(*args), gm(*bigger)
-    leaves = [x for x in pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor)]
-    expected = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
+    dynamic = _has_dynamic_batch(gm)
+    check = tuple(torch.cat([x, x[:1]]) for x in args) if dynamic else args  # a batch the trace did not see
+    outputs, expected = _run(gm, args, check, model)
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    outputs = _output_names(outputs)
-    batch = {name: {0: "batch"} for name in inputs}
-    batch.update({name: {0: "batch"} for name, a, b in zip(outputs, leaves, expected) if a.shape != b.shape})
-    per_sample = cost(gm, tuple(x[:1] for x in args))
-    traceable, buffer = _Leaves(_traceable(gm)), io.BytesIO()
-    try:
-        with warnings.catch_warnings():  # the exporter warns that it is the legacy one, and per size read
-            warnings.simplefilter("ignore")
-            torch.onnx.export(traceable, args, buffer, dynamo=False, opset_version=opset,
-                              input_names=inputs, output_names=outputs, dynamic_axes=batch)
-        proto = onnx.load_from_string(buffer.getvalue())
-        onnx.checker.check_model(proto)
-    except Exception as err:  # the exporter and checker raise many kinds; all mean "no file"
-        raise ExportError(f"cpdfx could not export {_describe(model)} to ONNX (opset {opset}): "
-                          f"{type(err).__name__}: {first_line(err)}. Ops without an ONNX "
-                          f"translation at this opset stop the exporter; a newer opset (up to 20) "
-                          f"may have one.") from err
-    _check_parity(proto, dict(zip(inputs, bigger)), dict(zip(outputs, expected)), atol, rtol)
+    names = _output_names(outputs)
+    proto = _to_onnx(gm, model, inputs, names, opset, path)
+    expected = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
+    _check_parity(proto, dict(zip(inputs, check)), dict(zip(names, expected)), atol, rtol)
+    per_sample = cost(gm, tuple(x[:1] for x in args)) if dynamic else _per_sample(cost(gm, args), args)
     props = {"cpdfx.macs": str(per_sample.macs), "cpdfx.params": str(per_sample.params),
              "cpdfx.version": __version__}
     if REPORT in gm.meta:
@@ -111,6 +103,33 @@ def _eval_graph(model, args) -> fx.GraphModule:
     return model if is_captured(model) else capture(model, args)
 
 
+def _has_dynamic_batch(gm: fx.GraphModule) -> bool:
+    """Whether any input has a symbolic size (capture's dynamic_batch)."""
+    return any(isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape)
+               for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"))
+
+
+def _run(gm, args, check, model):
+    """The graph's outputs at the example and at the batch parity is checked at.
+    A graph with a static batch refuses other sizes with a guard's bare
+    AssertionError; it is said in words here."""
+    try:
+        with torch.no_grad():
+            return gm(*args), gm(*check)
+    except Exception as err:  # a guard, a shape error: the inputs do not fit the graph
+        sizes = ", ".join(str(tuple(x.shape)) for x, _ in zip(*_example(gm)))
+        raise ExportError(f"cpdfx could not export {_describe(model)} to ONNX: the graph does not run on "
+                          f"the example inputs ({type(err).__name__}: {first_line(err)}). It takes inputs "
+                          f"of sizes {sizes}" + ("" if _has_dynamic_batch(gm) else
+                          " only: it was captured with dynamic_batch=False, so it exports at that batch "
+                          "size") + ".") from None
+
+
+def _per_sample(total: Cost, args) -> Cost:
+    """Cost per sample of a graph that takes one batch size only."""
+    return Cost(total.macs // max(args[0].shape[0], 1), total.params)
+
+
 class _Leaves(torch.nn.Module):
     """The graph with its outputs flattened: the exporter takes tensors, not ModelOutputs."""
 
@@ -133,30 +152,119 @@ def _output_names(outputs) -> list[str]:
     return names
 
 
-def _traceable(gm: fx.GraphModule) -> fx.GraphModule:
-    """Read sizes through the Python API so that the TorchScript tracer keeps
-    them symbolic (see the module docstring); gm is rewritten in place."""
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        if node.target is torch.ops.aten.sym_size.int:
-            node.op, node.target = "call_method", "size"
-        elif any(isinstance(a.meta.get("val"), torch.SymInt) for a in node.all_input_nodes):
-            name = node.target._opname
-            function = getattr(torch, name, None) or getattr(torch.Tensor, name, None)
-            if function is None:
-                raise ExportError(f"cpdfx cannot export {node.target} with a dynamic batch: it takes "
-                                  f"a size computed from the batch, and has no Python-API form the "
-                                  f"ONNX tracer can record.")
-            node.target = function
-    gm.recompile()
-    return gm
+def _to_onnx(gm, model, inputs, outputs, opset, path) -> onnx.ModelProto:
+    """The graph as a checked ONNX model, through torch.export and the dynamo
+    exporter. What the exporters print and log goes to a file; a failure
+    raises a short ExportError that names the file."""
+    log = io.StringIO()
+    try:
+        with _quiet(log):
+            args, dynamic = _example(gm)
+            program = torch.export.export(_Leaves(gm), args, dynamic_shapes=(dynamic,))
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=inputs,
+                                             output_names=outputs, verbose=False, report=False)
+            _name_batch(onnx_program)
+            proto = onnx_program.model_proto
+            onnx.checker.check_model(proto)
+        return proto
+    except Exception as err:  # the exporters and checker raise many kinds; all mean "no file"
+        log.write("".join(traceback.format_exception(err)))
+        raise ExportError(_explain(err, gm, model, opset, _write_log(log.getvalue(), path))) from None
+
+
+@contextlib.contextmanager
+def _quiet(log: io.StringIO):
+    """Route the exporters' prints, warnings and log records into log."""
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+            warnings.catch_warnings(record=True) as caught, _captured_log("torch.onnx", log, logging.INFO):
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            log.writelines(f"warning: {w.category.__name__}: {w.message}\n" for w in caught)
+
+
+def _name_batch(onnx_program) -> None:
+    """Call the inputs' batch dim "batch" (the exporter says "s0" or so), in
+    every shape that mentions it."""
+    symbols = {dim.value for value in onnx_program.model.graph.inputs if value.shape is not None
+               for dim in value.shape[:1] if isinstance(getattr(dim, "value", None), str)}
+    if symbols:
+        onnx_program.rename_axes({s: BATCH for s in symbols})
+
+
+def _write_log(text: str, path) -> str:
+    """The exporter's full log in a temporary file (not beside `path`: a failed
+    export writes nothing there); its path."""
+    stem = re.sub(r"[^\w.-]", "_", os.path.basename(os.fspath(path))) or "model"
+    fd, log_path = tempfile.mkstemp(prefix=f"cpdfx-export-{stem}-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return log_path
+
+
+_NODE = re.compile(r"node %(\w+) : .*?target=([\w.:]+)")
+
+
+def _explain(err, gm, model, opset, log_path) -> str:
+    """A few lines: the op, the node and the model part that failed, the cause."""
+    chain, cause = [], err
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    found = next((m for c in chain for m in [_NODE.search(str(c))] if m), None)
+    root = chain[-1]
+    lines = [f"cpdfx could not export {_describe(model)} to ONNX (opset {opset})."]
+    if found is not None:
+        name, target = found.groups()
+        node = _find_node(gm, name, target)
+        lines.append(f"  op:    {target.removeprefix('torch.ops.')}")
+        lines.append(f"  node:  {_node_text(node) if node is not None else name}")
+        lines.append(f"  part:  {_model_part(node)}")
+    lines.append(f"  cause: {type(root).__name__}: {_plain(first_line(root))}")
+    lines.append(f"The exporter's full log is in {log_path}.")
+    if found is not None and type(root).__name__ == "DispatchError":
+        lines.append("The op has no ONNX translation in torch's exporter at this opset; a newer opset may "
+                     "have one, or the model part can be changed to use ops that do.")
+    return "\n".join(lines)
+
+
+def _find_node(gm, name, target):
+    """The graph's node by the exporter's name, else the first with its op."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    return (next((n for n in nodes if n.name == name), None)
+            or next((n for n in nodes if str(n.target) == target.removeprefix("torch.ops.")), None))
+
+
+def _node_text(node) -> str:
+    args = ", ".join(a.name if isinstance(a, fx.Node) else repr(a) for a in node.args)
+    text = f"{node.name} = {node.target}({args})"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _model_part(node) -> str:
+    """The innermost module the node came from, as a path and class ("head.0 (Inner)")."""
+    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+    if not stack:
+        return "unknown (the node carries no module path)"
+    path, kind = list(stack.values())[-1]
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    return f"{path or '(the model itself)'} ({kind.rsplit('.', 1)[-1]})"
+
+
+def _plain(text: str) -> str:
+    """Without terminal colour codes (the exporter colours its messages)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _check_parity(proto, feeds: dict, expected: dict, atol: float, rtol: float) -> None:
     import onnxruntime as ort  # here, not at the top: `import cpdfx` need not load it
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(list(expected), {k: v.numpy() for k, v in feeds.items()})
+    try:  # onnxruntime refuses some files onnx.checker passes (it raises its own kinds)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(list(expected), {k: v.numpy() for k, v in feeds.items()})
+    except Exception as err:
+        raise ExportError(f"onnxruntime cannot run the ONNX export: {type(err).__name__}: "
+                          f"{_plain(first_line(err))}; nothing was written.") from None
     for (name, want), have in zip(expected.items(), got):
         want = want.numpy()
         error = np.abs(have.astype(np.float64) - want)
@@ -268,18 +376,17 @@ def _import_pytree_types(path, types) -> None:
 
 
 @contextlib.contextmanager
-def _captured_log(name: str):
-    """What logger `name` says at WARNING and above, kept from the console."""
-    log, text = logging.getLogger(name), io.StringIO()
-    handler, saved = logging.StreamHandler(text), (log.level, log.propagate)
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING)
+def _captured_log(name: str, text: io.StringIO | None = None, level: int = logging.WARNING):
+    """What logger `name` says at `level` and above, kept from the console (in text)."""
+    log, text = logging.getLogger(name), io.StringIO() if text is None else text
+    saved = (log.level, log.propagate, log.handlers)
+    log.handlers = [logging.StreamHandler(text)]  # torch gives some loggers a console handler of their own
+    log.setLevel(level)
     log.propagate = False
     try:
         yield text
     finally:
-        log.removeHandler(handler)
-        log.level, log.propagate = saved
+        log.level, log.propagate, log.handlers = saved
 
 
 def _last_error_line(log: str) -> str:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 import cpdfx
@@ -97,18 +98,71 @@ def test_mismatch_raises_with_the_error_and_writes_nothing(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == []
 
 
-class Spectrum(nn.Module):
+class RunningMax(nn.Module):
     def forward(self, x):
-        return torch.fft.rfft(x).abs()  # no ONNX translation in the TorchScript exporter
+        return torch.cummax(x, -1).values  # no ONNX translation in torch's exporter
 
 
-def test_exporter_failure_names_the_model_and_keeps_the_old_file(tmp_path):
-    path = tmp_path / "spectrum.onnx"
+class WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.head = nn.Sequential(nn.ReLU(), RunningMax())
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+def test_exporter_failure_is_short_names_op_node_and_part_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "head.onnx"
     path.write_bytes(b"previous")
-    with pytest.raises(ExportError, match="could not export Spectrum to ONNX") as info:
-        export_onnx(Spectrum(), torch.randn(2, 3, 8), path)
-    assert "\n" not in str(info.value)
-    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["spectrum.onnx"]
+    with pytest.raises(ExportError, match="could not export WithHead to ONNX") as info:
+        export_onnx(WithHead(), torch.randn(2, 3, 8), path)
+    message = str(info.value)
+    assert len(message.splitlines()) <= 20
+    assert "aten.cummax.default" in message and "node:  cummax = " in message
+    assert "part:  head.1 (RunningMax)" in message
+    log = message.split("full log is in ")[1].split()[0].rstrip(".")
+    assert "DispatchError" in open(log).read()  # the traceback the message leaves out
+    os.remove(log)
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["head.onnx"]
+
+
+def test_static_batch_graph_exports_at_its_batch_only(tmp_path):
+    model = MODELS["resnet"]().eval()
+    gm = cpdfx.capture(model, torch.randn(3, 3, 16, 16), dynamic_batch=False)
+    path = export_onnx(gm, torch.randn(3, 3, 16, 16), tmp_path / "static.onnx")
+    assert [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim] == [3, 3, 16, 16]
+    assert_matches(path, model, torch.randn(3, 3, 16, 16))
+    assert int(props(path)["cpdfx.macs"]) == cpdfx.cost(model, torch.randn(1, 3, 16, 16)).macs
+    with pytest.raises(ExportError, match=r"captured with dynamic_batch=False") as info:
+        export_onnx(gm, torch.randn(2, 3, 16, 16), tmp_path / "other.onnx")
+    assert "(3, 3, 16, 16)" in str(info.value) and os.listdir(tmp_path) == ["static.onnx"]
+
+
+class Ops(nn.Module):
+    """Ops the TorchScript exporter could not take with a dynamic batch (or at all)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.kind == "fold":  # aten.col2im
+            return F.fold(F.unfold(y, 2, stride=2), y.shape[-2:], 2, stride=2)
+        if self.kind == "pyramid":  # output sizes that do not divide the input (PSP heads)
+            return torch.cat([F.adaptive_avg_pool2d(y, s).flatten(1) for s in (1, 2, 3, 6)], 1)
+        return y.flatten()[torch.nonzero(y.flatten() > 0).squeeze(1)]  # a length from the data
+
+
+@pytest.mark.parametrize("kind", ["fold", "pyramid", "nonzero"])
+def test_ops_the_old_exporter_refused_export_with_a_dynamic_batch(tmp_path, kind):
+    model = Ops(kind).eval()
+    path = export_onnx(model, torch.randn(2, 3, 7, 7), tmp_path / "m.onnx")
+    for batch in (1, 4):
+        assert_matches(path, model, torch.randn(batch, 3, 7, 7))
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,21 @@ def _prod(group):
     return p
 
 
+def rewrite_view(node, rx):
+    """A view becomes a reshape with the new sizes. A view needs strides that
+    its input may no longer have once channels go: an op whose input sizes
+    change may pick another kernel and memory layout (attention whose q/k and
+    v head dims now differ leaves the math kernel's layout), so a
+    `.contiguous()` that was a no-op at capture, and so is not in the graph,
+    would be needed now. reshape is the same view where a view is legal and a
+    copy only where it is not: exact, and free where the layout held."""
+    rewrite_shape_arg("size")(node, rx)
+    node.args, node.kwargs = (node.args[0], arg(node, "size")), {}
+    node.target = aten.reshape.default
+
+
 # view and _unsafe_view name their shape `size`, reshape `shape`
-op("view", "_unsafe_view", rewrite=rewrite_shape_arg("size"), reads=("size",))(comb_reshape)
+op("view", "_unsafe_view", rewrite=rewrite_view, reads=("size",))(comb_reshape)
 op("reshape", rewrite=rewrite_shape_arg("shape"), reads=("shape",))(comb_reshape)
 op("unflatten.int", rewrite=rewrite_unflatten, reads=("dim", "sizes"))(comb_reshape)
 # the result's shape says it all: nothing to read, nothing to rewrite

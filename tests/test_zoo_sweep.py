@@ -1,0 +1,33 @@
+"""The CI subset of benchmarks/zoo_sweep.py: diverse transformers vision models
+(classifiers, a backbone, segmentation, depth, super-resolution) prune to 50%
+MACs, keep their output structure at two batch sizes, and export to ONNX with
+onnxruntime parity at a third."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import zoo_sweep  # noqa: E402
+
+SUBSET = [("resnet", "classification", "ResNetForImageClassification"),
+          ("vit", "classification", "ViTForImageClassification"),
+          ("mobilevit", "classification", "MobileViTForImageClassification"),
+          ("dinov2", "classification", "Dinov2ForImageClassification"),
+          ("convnext", "backbone", "ConvNextBackbone"),
+          ("segformer", "segmentation", "SegformerForSemanticSegmentation"),
+          ("dpt", "depth", "DPTForDepthEstimation"),
+          ("swin2sr", "super-resolution", "Swin2SRForImageSuperResolution")]
+
+
+@pytest.mark.parametrize("model_type, task, cls_name", SUBSET, ids=[s[0] for s in SUBSET])
+def test_model_prunes_to_half_and_exports_with_parity(tmp_path, model_type, task, cls_name):
+    row = zoo_sweep.sweep_one(model_type, task, cls_name, size=64, folder=tmp_path)
+    assert "failure" not in row, row["failure"]
+    assert 0.45 <= row["macs"] <= 0.5 + 1e-6
+    assert row["parity"] <= 1e-3
+
+
+def test_every_task_has_candidates():
+    tasks = {task for _, task, _ in zoo_sweep.candidates()}
+    assert tasks == set(zoo_sweep.TASKS)
