@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file is checked with onnx.checker and against onnxruntime.")
     _model_args(p)
     p.add_argument("--input-shape", required=True, help="example input shape, e.g. 2,3,224,224")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch's exporter writes)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.set_defaults(run=cmd_export, outputs={"out": FILE})
 

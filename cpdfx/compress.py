@@ -36,7 +36,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import capture
-from .cost import cost
 from .cpd import PruneCallback, prune_points, total_steps
 from .distill import distill, evaluate
 from .learned import LEARNED, LearnedCallback, gated_student, resolve_options
@@ -44,7 +43,7 @@ from .losses import DistillLoss
 from .budget import Target
 from .files import write_json
 from .pruner import Pruner
-from .report import REPORT, one_image
+from .report import REPORT, per_image
 
 REPORT_FILE = "report.json"
 
@@ -106,7 +105,7 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
         pruner = Pruner(gm, example_inputs, importance, macs=macs, params=params, steps=prune_steps,
                         schedule=schedule, **rules)
         student, callback = pruner.gm, PruneCallback(pruner, at, config)
-    before = cost(gm, one_image(example_inputs))  # the report's MACs are per image
+    before = per_image(gm, example_inputs)  # the report's MACs are per image
     teacher_scores = _teacher_scores(model, val_data, task, batch_size, distill_options, progress)
     teacher = None if plain else model  # no teacher: distill trains on the labels alone, without its forward pass
     result = distill(student, teacher, train_data, val_data, task=task, epochs=epochs, loss=loss, labels=labels,
@@ -155,7 +154,7 @@ def _teacher_scores(model, val_data, task, batch_size, options, progress) -> dic
 
 def _report(slim, before, example_inputs, callback, at, history, teacher_scores, config, run) -> dict:
     """The pruner's report (layers, groups) with the run around it."""
-    after = cost(slim, one_image(example_inputs))
+    after = per_image(slim, example_inputs)
     report = dict(slim.meta.get(REPORT) or {})
     report.update({
         "macs": [before.macs, after.macs], "params": [before.params, after.params],

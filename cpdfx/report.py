@@ -10,20 +10,19 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .capture import as_tuple
-from .cost import cost
+from .cost import Cost, cost
 
 REPORT = "cpdfx_report"  # the key of a slim graph's meta that holds its report
 
 
-def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=None,
-                 latency_model=None, original_sizes=None) -> dict:
+def build_report(gm, slim, groups, chosen, criterion, target, example_inputs, latency_model=None,
+                 original_sizes=None) -> dict:
     """The report of pruning `gm` into `slim`; `chosen` is the plan (prune.Plan)
     that was made on `groups` (the comb of the graph it was applied to), and
     original_sizes gives those groups' sizes in gm when that graph was already
     smaller (the step-wise pruner's later steps). MACs are per image: the
     example batch's size is the caller's choice, not the model's cost."""
-    one = one_image(example_inputs)
-    before, after = cost(gm, one), cost(slim, one)
+    before, after = per_image(gm, example_inputs), per_image(slim, example_inputs)
     groups_report = _groups(groups, chosen, original_sizes or {})
     report = {
         "criterion": str(criterion),
@@ -41,14 +40,17 @@ def build_report(gm, slim, groups, chosen, criterion, target, example_inputs=Non
     return report
 
 
-def one_image(example_inputs):
-    """The first sample of every batched tensor input (the batch dim is the
-    first, as capture makes it dynamic): the inputs for per-image costs."""
-    if example_inputs is None:
-        return None
-    one = pytree.tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x,
-                          as_tuple(example_inputs))
-    return one if isinstance(example_inputs, tuple) else one[0]
+def per_image(model, example_inputs) -> Cost:
+    """The cost of one image: counted at the example's batch and divided by it
+    (every MAC term holds the batch once). Not counted at a batch of one: a
+    graph whose shapes were propagated again may hold the example's batch as
+    a constant in places (hf MobileNetV2's tf-style pads do after pruning),
+    and counting it at another batch would mix the two."""
+    total = cost(model, example_inputs)
+    first = next((x for x in pytree.tree_leaves(as_tuple(example_inputs))
+                  if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    batch = first.shape[0] if first is not None else 1
+    return Cost(total.macs // batch, total.params)
 
 
 def _layers(gm, slim) -> list:
