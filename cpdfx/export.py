@@ -30,9 +30,9 @@ from .passes import set_mode
 from .passes.eliminate import KEPT
 
 from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, is_captured
-from .cost import Cost, batch_values, concrete, cost
+from .cost import batch_values, concrete
 from .files import atomic_path
-from .report import REPORT
+from .report import REPORT, per_image
 from .version import __version__
 
 META_FILE = "cpdfx.json"
@@ -76,7 +76,7 @@ def export_onnx(model, example_inputs, path, *, opset: int = 18, atol: float = 1
     proto = _to_onnx(gm, model, inputs, names, opset, path)
     expected = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
     _check_parity(proto, dict(zip(inputs, check)), dict(zip(names, expected)), atol, rtol)
-    per_sample = cost(gm, tuple(x[:1] for x in args)) if dynamic else _per_sample(cost(gm, args), args)
+    per_sample = per_image(gm, args)
     props = {"cpdfx.macs": str(per_sample.macs), "cpdfx.params": str(per_sample.params),
              "cpdfx.version": __version__}
     if REPORT in gm.meta:
@@ -123,11 +123,6 @@ def _run(gm, args, check, model):
                           f"of sizes {sizes}" + ("" if _has_dynamic_batch(gm) else
                           " only: it was captured with dynamic_batch=False, so it exports at that batch "
                           "size") + ".") from None
-
-
-def _per_sample(total: Cost, args) -> Cost:
-    """Cost per sample of a graph that takes one batch size only."""
-    return Cost(total.macs // max(args[0].shape[0], 1), total.params)
 
 
 class _Leaves(torch.nn.Module):
