@@ -35,6 +35,18 @@ def producer_masked(model: nn.Module, kept: dict) -> nn.Module:
     return masked
 
 
+class Between(nn.Module):
+    """conv(3 -> cin) -> fn -> conv(cout -> 4): the op under test sits between
+    two weighted layers, so its channels are produced and consumed by pruned ones."""
+
+    def __init__(self, fn, cin=8, cout=8):
+        super().__init__()
+        self.fn, self.a, self.b = fn, nn.Conv2d(3, cin, 3, padding=1), nn.Conv2d(cout, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.fn(self.a(x)))
+
+
 def targets(gm) -> set:
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 

@@ -1,10 +1,9 @@
 """Pooling, resizing and padding: spatial dims frozen, channels pass through."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from opcheck import aten, check_op
+from opcheck import Between, aten, check_op
 
 CASES = {
     "max_pool2d": (lambda y: F.max_pool2d(y, 2), aten.max_pool2d.default),
@@ -15,15 +14,6 @@ CASES = {
     "pad": (lambda y: F.pad(y, (1, 2, 0, 1)), aten.pad.default),
     "reflect": (lambda y: F.pad(y, (1, 1, 1, 1), mode="reflect"), aten.pad.default),
 }
-
-
-class Between(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn, self.a, self.b = fn, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        return self.b(self.fn(self.a(x)))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -3,18 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from opcheck import aten, check_op
-
-
-class Between(nn.Module):
-    """conv -> fn -> conv: fn's layout op sits between two weighted layers."""
-
-    def __init__(self, fn, cin=8, cout=8):
-        super().__init__()
-        self.fn, self.a, self.b = fn, nn.Conv2d(3, cin, 3, padding=1), nn.Conv2d(cout, 4, 1)
-
-    def forward(self, x):
-        return self.b(self.fn(self.a(x)))
+from opcheck import Between, aten, check_op
 
 
 def split_and_join(y):
