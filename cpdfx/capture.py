@@ -89,11 +89,14 @@ def _train(gm: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
     return set_mode(gm, mode)
 
 
+def first_line(err) -> str:
+    """An exception's first non-empty line, at most 300 characters: what a one-paragraph error quotes."""
+    line = next((s.strip() for s in str(err).splitlines() if s.strip()), type(err).__name__).rstrip(".")
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 def _explain(model, err, dynamic_batch) -> str:
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    first = first.rstrip(".")
-    if len(first) > 300:
-        first = first[:297] + "..."
+    first = first_line(err)
     hint = (" If the message is about the batch dimension, capture it in Python with "
             "cpdfx.capture(model, x, dynamic_batch=False) and pass that graph on (the slim model will then "
             "take only the example's batch size; the cpdfx command always keeps the batch dynamic)."

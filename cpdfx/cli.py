@@ -23,11 +23,11 @@ import torch
 from . import zoo
 from .bench import bench
 from .budget import BudgetError
-from .capture import CaptureError, capture
+from .capture import CaptureError, capture, first_line
 from .compress import compress
 from .data import DataError, resolve_data
 from .distill import distill
-from .export import ExportError, LoadError, export_onnx, first_line, load, save
+from .export import ExportError, LoadError, export_onnx, load, save
 from .files import write_json
 from .models import MODELS
 from .passes import comb

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 from .passes import set_mode
 from .passes.eliminate import KEPT
 
-from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, is_captured
+from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, first_line, is_captured
 from .cost import batch_values, concrete
 from .files import atomic_path
 from .report import REPORT, per_image
@@ -407,8 +407,3 @@ def _example(gm: fx.GraphModule):
 
 def _describe(model) -> str:
     return "a cpdfx graph" if is_captured(model) else type(model).__name__
-
-
-def first_line(err) -> str:
-    line = next((s.strip() for s in str(err).splitlines() if s.strip()), type(err).__name__).rstrip(".")
-    return line if len(line) <= 300 else line[:297] + "..."

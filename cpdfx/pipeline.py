@@ -14,14 +14,13 @@ from torch.utils.data import Subset
 
 from .bench import bench, torch_threads
 from .compress import compress
-from .cost import cost
 from .data import DataError, resolve_data
 from .distill import distill, evaluate
 from .export import export_onnx, save
 from .files import atomic_path, cache_dir, write_json, write_text
 from .latency import channel_block
 from .models import ResNetTiny
-from .report import REPORT, format_report
+from .report import REPORT, format_report, per_image
 from .version import __version__
 
 
@@ -37,7 +36,7 @@ def ship(teacher, slim, x, val, task: str, out: Path, *, title: str, repeats: in
     timing.to_json(out / "bench.json")
     metric = "top1" if task == "classification" else "miou"
     scores = {"original": evaluate(teacher, val, task=task)[metric], "slim": evaluate(slim, val, task=task)[metric]}
-    costs = {"original": cost(teacher, x[:1]), "slim": cost(slim, x[:1])}
+    costs = {"original": per_image(teacher, x), "slim": per_image(slim, x)}  # as the pruning report counts
     timing.plot(out / "latency.png", macs={k: c.macs for k, c in costs.items()}, accuracy=scores, metric=metric)
     summary = {"metric": metric, "scores": scores, "macs": {k: c.macs for k, c in costs.items()},
                "params": {k: c.params for k, c in costs.items()}, "bench": timing.rows,
