@@ -24,7 +24,7 @@ import torch
 
 import cpdfx
 from cpdfx import zoo
-from cpdfx.latency import channel_block
+from cpdfx.runtime import channel_block
 
 
 def torch_pruning(model, x, macs, round_to=None):

@@ -6,9 +6,10 @@ as that value through prune, Pruner, plan and the solver.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .cost import Cost, CostModel
+from .runtime import channel_block, check_runtime
 
 
 class BudgetError(ValueError):
@@ -55,7 +56,14 @@ class Constraints:
     overrides: {module or parameter name: share of channels to keep} for the
         groups those layers touch, taken out of the global ranking;
     min_keep: channels every group keeps at least: an int, or a share in (0, 1);
-    round_to: every pruned channel count a multiple of this (or the full size);
+    round_to: every pruned width a multiple of this many channels (or the full
+        size), in the layers' channel dims: a group whose element stands for
+        several channels (a head of 64) steps by fewer elements. None (the
+        default) aligns to the channel block of `runtime` (runtime.py), and
+        where a budget cannot be reached so, to half of it, and so on down to
+        single channels (`alignments`);
+    runtime: "cpu" or "cuda", the onnxruntime provider the model ships to;
+    steps: {group id: count step}, set by `alignments` (round_to when absent);
     original_sizes: {group id: the group's size in the unpruned model}, for a
         graph pruned before (the step-wise pruner sets it): the shares of
         min_keep and overrides are of those sizes, so they do not compound
@@ -63,14 +71,19 @@ class Constraints:
     ignore: tuple = ()
     overrides: dict = field(default_factory=dict)
     min_keep: int | float = 1
-    round_to: int = 1
+    round_to: int | None = None
+    runtime: str = "cpu"
+    steps: dict = field(default_factory=dict)
     original_sizes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.ignore, str):
             self.ignore = (self.ignore,)
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise BudgetError(f"round_to={self.round_to!r}: give a positive int, e.g. 8")
+        check_runtime(self.runtime)
+        if self.round_to is not None and (not isinstance(self.round_to, int) or isinstance(self.round_to, bool)
+                                          or self.round_to < 1):
+            raise BudgetError(f"round_to={self.round_to!r}: give a positive int, e.g. 8 (1 for free channel "
+                              f"counts), or None for the runtime's channel block")
         if not (isinstance(self.min_keep, int) and self.min_keep >= 1 or
                 isinstance(self.min_keep, float) and 0 < self.min_keep < 1):
             raise BudgetError(f"min_keep={self.min_keep!r}: give a channel count >= 1 or a share in (0, 1)")
@@ -87,14 +100,31 @@ class Constraints:
         """What shares are of: the group's original size."""
         return self.original_sizes.get(gid, size)
 
-    def rounded(self, n: int, size: int) -> int:
-        r = self.round_to
+    def alignments(self, comb) -> list[Constraints]:
+        """The constraints to solve with, in order, each with its per-group
+        steps: round_to's alone; or, when it is None, the runtime's channel
+        block, then half of it, down to 1 (the first that reaches the budget
+        is the one to use: a small model may have no room for whole blocks)."""
+        if self.round_to is not None:
+            widths = [self.round_to]
+        else:
+            widths = [channel_block(self.runtime)]
+            while widths[-1] > 1:
+                widths.append(widths[-1] // 2)
+        return [replace(self, round_to=w, steps=_steps(comb, w)) for w in widths]
+
+    def step(self, gid) -> int:
+        return self.steps.get(gid, self.round_to or 1)
+
+    def rounded(self, n: int, size: int, gid=None) -> int:
+        r = self.step(gid)
         return min(size, math.ceil(n / r) * r) if r > 1 else n
 
     def shrunk(self, n: int, size: int, gid=None) -> int | None:
         """The next allowed count below n, or None when n is the minimum."""
-        m = n - 1 if self.round_to == 1 else (n - 1) // self.round_to * self.round_to
-        return m if m >= self.rounded(self.floor(size, gid), size) else None
+        r = self.step(gid)
+        m = n - 1 if r == 1 else (n - 1) // r * r
+        return m if m >= self.rounded(self.floor(size, gid), size, gid) else None
 
     def split(self, groups) -> tuple[list, dict]:
         """The groups the global ranking decides, and the fixed counts of overridden ones."""
@@ -105,10 +135,24 @@ class Constraints:
             shares = [s for name, s in self.overrides.items() if _touches(g, (name,))]
             if shares:
                 share = math.ceil(max(shares) * self._base(g.id, g.size))
-                fixed[g.id] = self.rounded(min(g.size, max(self.floor(g.size, g.id), share)), g.size)
+                fixed[g.id] = self.rounded(min(g.size, max(self.floor(g.size, g.id), share)), g.size, g.id)
             else:
                 free.append(g)
         return free, fixed
+
+
+def _steps(comb, width: int) -> dict:
+    """Per prunable group, the count step that keeps the channel dims it spans
+    multiples of `width`: width / gcd(width, m), where m is how many channels
+    one element stands for, in the dim where it stands for most, counting only
+    factors that cannot shrink (a head of a fixed head_dim of 64 steps by one;
+    a plain channel, or a head whose head_dim is pruned too, by `width`)."""
+    free = frozenset(g.id for g in comb.prunable)
+    steps = {}
+    for g in comb.prunable:
+        most = max(comb.spaces.multiplicity(comb.param_dims[name][d], g.id, free - {g.id}) for name, d in g.params)
+        steps[g.id] = width // math.gcd(width, max(most, 1))
+    return steps
 
 
 def _touches(group, names) -> bool:

@@ -34,6 +34,7 @@ from .passes import comb
 from .pipeline import run_demo, ship
 from .prune import prune
 from .report import REPORT, format_report
+from .runtime import PROVIDERS
 
 TASKS = ("classification", "segmentation")
 FILE, FOLDER = False, True  # what a subcommand's output arguments name (its `outputs` default)
@@ -161,7 +162,18 @@ def load_data(args, split: str, augment=None):
 
 
 def budget(args) -> dict:
-    return {k: getattr(args, k) for k in ("macs", "params", "latency") if getattr(args, k, None) is not None}
+    """macs=, params=, latency= from the flags; --speedup S is latency=1/S."""
+    out = {k: getattr(args, k) for k in ("macs", "params") if getattr(args, k, None) is not None}
+    if args.speedup is not None:
+        if args.speedup <= 1:
+            raise UsageError(f"--speedup {args.speedup:g}: give how many times faster the slim model should run, "
+                             f"a number above 1, e.g. 2")
+        out["latency"] = 1.0 / args.speedup
+    return out
+
+
+def latency_options(args) -> dict:
+    return {"batch": args.latency_batch}
 
 
 def count_or_share(value: float):
@@ -217,9 +229,9 @@ def cmd_prune(args) -> None:
                                              generator=torch.Generator().manual_seed(0))
         calibration = [tuple(b) if args.labels else (b[0],) for _, b in zip(range(args.calibration_batches), loader)]
     slim = prune(model, x, **budget(args), importance=args.importance, calibration=calibration,
-                 steps=args.steps, reestimate_bn=args.reestimate_bn, round_to=args.round_to,
+                 steps=args.steps, reestimate_bn=args.reestimate_bn, round_to=args.round_to, runtime=args.runtime,
                  min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
-                 latency_options={"batch": args.latency_batch})
+                 latency_options=latency_options(args))
     out = Path(args.out)
     save(slim, out)
     print(f"\nslim model saved to {out}")
@@ -305,9 +317,9 @@ def cmd_compress(args) -> None:
     model = load_model(args.model, args.task, x, train).eval()
     out = Path(args.out)
     result = compress(model, x, train, val, task=args.task, **budget(args), importance=args.importance,
-                      prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to,
+                      prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to, runtime=args.runtime,
                       min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
-                      labels=args.labels, out_dir=out / "train", resume=args.resume, batch_size=args.batch_size,
+                      latency_options=latency_options(args), labels=args.labels, out_dir=out / "train", resume=args.resume, batch_size=args.batch_size,
                       lr=args.lr)
     ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}")
 
@@ -345,9 +357,16 @@ def _data_args(p, required=False):
 def _budget_args(p):
     p.add_argument("--macs", type=_share, help="share of the MACs to keep, e.g. 0.5")
     p.add_argument("--params", type=_share, help="share of the parameters to keep")
+    p.add_argument("--speedup", type=float, help="how many times faster in onnxruntime, e.g. 2 (the latency "
+                                                  "budget 1/speedup, timed on this machine)")
+    p.add_argument("--latency-batch", type=int, default=8, help="the batch --speedup is timed at (default 8)")
     p.add_argument("--importance", default="fisher",
                    help="fisher (default), taylor, l1, l2, bn_scale, random (compress also: learned)")
-    p.add_argument("--round-to", type=int, default=1, help="pruned channel counts a multiple of this")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="pruned widths a multiple of this (default: the runtime's channel block, finer only "
+                        "where the budget needs it; 1 for free channel counts)")
+    p.add_argument("--runtime", choices=tuple(PROVIDERS), default="cpu",
+                   help="where the slim model will run (onnxruntime provider): sets the default --round-to")
     p.add_argument("--min-keep", type=float, default=1,
                    help="channels every group keeps: a count, or a share below 1 (default 1)")
     p.add_argument("--ignore", nargs="*", help="layer names whose channels are all kept")
@@ -391,8 +410,6 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p)
     _budget_args(p)
-    p.add_argument("--latency", type=_share, help="share of the onnxruntime CPU latency to keep")
-    p.add_argument("--latency-batch", type=int, default=8, help="batch the latency is for (default 8)")
     p.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224 (default: from --data)")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")

@@ -58,13 +58,16 @@ class CompressResult:
 
 
 def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, task: str = "classification",
-             macs=None, params=None, importance="fisher", prune_steps: int = 5, prune_share: float = 0.5,
-             epochs: int = 10, schedule: str = "geometric", round_to: int = 1, min_keep=1, ignore=(),
+             macs=None, params=None, latency=None, latency_options=None, importance="fisher", prune_steps: int = 5, prune_share: float = 0.5,
+             epochs: int = 10, schedule: str = "geometric", round_to: int | None = None, runtime: str = "cpu",
+             min_keep=1, ignore=(),
              overrides=None, loss=None, labels: bool = True, plain: bool = False, learned_options=None,
              out_dir=None, resume: bool = False, seed: int = 0, progress: bool = True,
              **distill_options) -> CompressResult:
-    """Prune `model` to `macs` / `params` (shares of the original) while
-    distilling it from itself, and return the trained slim model.
+    """Prune `model` to `macs` / `params` / `latency` (shares of the original)
+    while distilling it from itself, and return the trained slim model.
+    latency, latency_options: as for cpdfx.prune; each pruning step is timed
+    in onnxruntime, and the last one corrected until it lands on the target.
 
     importance: a pruner criterion ("fisher" by default, "taylor", "l1", "l2",
         "bn_scale", "random", a callable) for the step-wise CPD schedule, or
@@ -73,7 +76,8 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
         prune_steps does not apply to "learned", which cuts once.
     prune_steps, prune_share, schedule: how many pruner steps, spread over which
         first share of the optimizer steps, along which schedule (see Pruner).
-    round_to, min_keep, ignore, overrides: the solver's constraints.
+    round_to, runtime, min_keep, ignore, overrides: the solver's constraints
+        (budget.Constraints; by default widths in the runtime's channel block).
     loss: a dict of DistillLoss options (kind, alpha, temperature) or a
         DistillLoss; labels=False distils without labels. plain=True trains on
         the labels alone (alpha=0, and the teacher is not run): the baseline
@@ -85,11 +89,14 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
         clip_grad, device, amp, channels_last, num_workers (see distill).
     The model is the teacher (unless plain): it is put in eval mode and on
     the training device, and never trained; the student is its captured copy."""
-    target = Target(macs, params)
+    target = Target(macs, params, latency)
     learned = importance == LEARNED
-    config = dict(macs=macs, params=params, importance=_name(importance),
+    if learned and latency is not None:
+        raise ValueError("importance='learned' learns the structure under a macs= or params= budget; for a "
+                         "latency budget use a pruning criterion such as 'fisher'")
+    config = dict(macs=macs, params=params, latency=latency, importance=_name(importance),
                   prune_steps=1 if learned else prune_steps, prune_share=prune_share, schedule=schedule,
-                  round_to=round_to, min_keep=min_keep, plain=plain, learned=resolve_options(learned_options)
+                  round_to=round_to, runtime=runtime, min_keep=min_keep, plain=plain, learned=resolve_options(learned_options)
                   if learned else None)
     if resume and out_dir is None:
         raise ValueError("resume=True continues from out_dir/last.pt: give the out_dir of the run to resume")
@@ -97,13 +104,13 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
     batch_size = distill_options.get("batch_size", 64)
     total = total_steps(len(train_data), batch_size, epochs)
     at = prune_points(total, prune_share, 1 if learned else prune_steps)
-    rules = dict(ignore=ignore, overrides=overrides, min_keep=min_keep, round_to=round_to)
+    rules = dict(ignore=ignore, overrides=overrides, min_keep=min_keep, round_to=round_to, runtime=runtime)
     gm = capture(model, example_inputs)
     if learned:
         student, callback = gated_student(gm, example_inputs, target, at[-1], config, rules, config["learned"])
     else:
-        pruner = Pruner(gm, example_inputs, importance, macs=macs, params=params, steps=prune_steps,
-                        schedule=schedule, **rules)
+        pruner = Pruner(gm, example_inputs, importance, macs=macs, params=params, latency=latency,
+                        steps=prune_steps, schedule=schedule, latency_options=latency_options, **rules)
         student, callback = pruner.gm, PruneCallback(pruner, at, config)
     before = per_image(gm, example_inputs)  # the report's MACs are per image
     teacher_scores = _teacher_scores(model, val_data, task, batch_size, distill_options, progress)
@@ -156,10 +163,13 @@ def _report(slim, before, example_inputs, callback, at, history, teacher_scores,
     """The pruner's report (layers, groups) with the run around it."""
     after = per_image(slim, example_inputs)
     report = dict(slim.meta.get(REPORT) or {})
+    achieved = {"macs": after.macs / before.macs, "params": after.params / before.params}
+    if "latency" in report.get("achieved", {}):
+        achieved["latency"] = report["achieved"]["latency"]  # measured at the last pruning step
     report.update({
         "macs": [before.macs, after.macs], "params": [before.params, after.params],
-        "achieved": {"macs": after.macs / before.macs, "params": after.params / before.params},
-        "target": Target(config["macs"], config["params"]).as_dict(),
+        "achieved": achieved,
+        "target": Target(config["macs"], config["params"], config["latency"]).as_dict(),
         "prune_at": list(at), "pruning": list(callback.events), "compress": config, **run,
         "teacher": teacher_scores,
         "student": {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else None,

@@ -15,7 +15,7 @@ from .distill import Callback, check_same_run
 from .pruner import Pruner
 
 # what a resumed run must share with the one that saved the checkpoint, beyond distill's own settings
-RESUME_KEYS = ("macs", "params", "importance", "prune_steps", "prune_share", "schedule", "round_to", "min_keep",
+RESUME_KEYS = ("macs", "params", "latency", "importance", "prune_steps", "prune_share", "schedule", "round_to", "runtime", "min_keep",
                "plain", "learned")
 
 

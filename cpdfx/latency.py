@@ -10,28 +10,37 @@ this machine rather than from MACs:
   table of its own: the layer alone, as a one-op ONNX model at the benchmark
   batch, timed on a grid of (input, output) channel counts on multiples of the
   channel block; between grid points the time is interpolated on block-rounded
-  counts, so a count inside a block costs what the whole block does;
+  counts, so a count inside a block costs what the whole block does. A point
+  is a layer configuration at given channel counts, whichever layer asks:
+  layers that repeat (a ResNet's blocks), and the same layer pruned later,
+  share their points;
 - other MAC-counted ops (grouped convs, attention, matmuls) cost their MACs at
   the time per MAC the tabled layers run at;
 - the rest (norms, activations, adds, pooling) is what the measured full model
   takes beyond the layers, kept as a constant: so the estimate of a pruned
   model errs slow, and `prune(latency=)` measures the result to correct it.
 
-Tables are cached per machine (CPU, cores, threads, onnxruntime version) in
-$CPDFX_CACHE (default ~/.cache/cpdfx), so each layer shape is measured once.
+Tables are cached per machine (CPU or GPU, cores, threads, provider,
+onnxruntime version) in $CPDFX_CACHE (default ~/.cache/cpdfx), so each point
+is measured once; but only points timed on a quiet machine. A point whose runs
+spread more than `NOISY` is timed again, and a reference layer is timed before
+and after the tables: if it ran more than `DRIFT` slower or faster at the end,
+something else used the machine meanwhile, and the new points serve this run
+only (a warning says so) instead of becoming the machine's truth.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
@@ -39,22 +48,15 @@ from tqdm.auto import tqdm
 from .passes.ops import OPS, arg, transposed
 
 from .bench import _machine, bench
+from .capture import as_tuple
 from .cost import batch_values, concrete, mac_terms_by_node
 from .export import export_onnx
-from .files import cache_dir
+from .files import cache_dir, write_json
+from .runtime import channel_block, provider
 
-GRID = (0.125, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # shares of a layer's width the tables are timed at
-
-
-def channel_block() -> int:
-    """The channel block of onnxruntime's CPU convolutions (MLAS NCHWc): 16
-    with AVX-512, 8 with AVX2/AVX, else 4 (NEON and others)."""
-    flags = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    words = set(flags.split())
-    return 16 if "avx512f" in words else 8 if words & {"avx2", "avx"} else 4
+GRID = (0.125, 0.25, 0.5, 0.75, 1.0)  # shares of a layer's width the tables are timed at
+NOISY = 0.15  # a point whose runs spread more than this (interquartile range / median) is timed again
+DRIFT = 0.15  # the reference layer this much slower or faster after the tables: the machine was busy
 
 
 @dataclass
@@ -70,16 +72,18 @@ class LatencyModel:
     """Estimated latency (ms) of a graph for any size assignment of its groups.
 
     batch: the batch the latency is for; threads: onnxruntime intra-op
-    threads (default its own); block: the channel block (default
-    channel_block()); repeats: timed runs per table point (median kept);
+    threads (default its own); runtime: "cpu" or "cuda", the onnxruntime
+    provider timed; block: the channel block (default the runtime's);
+    repeats: timed runs per table point (median kept);
     full_ms: the measured latency of the whole graph at this batch, when the
     caller has it (prune measures it); cache: a folder, or False."""
 
     def __init__(self, gm, comb, example_inputs=None, *, batch: int = 8, threads: int | None = None,
-                 block: int | None = None, repeats: int = 7, full_ms: float | None = None, cache=None,
-                 progress: bool = True):
+                 runtime: str = "cpu", block: int | None = None, repeats: int = 7, full_ms: float | None = None,
+                 cache=None, progress: bool = True):
         self.spaces, self.batch, self.threads, self.repeats = comb.spaces, batch, threads, repeats
-        self.block = block or channel_block()
+        self.provider = provider(runtime)
+        self.block = block or channel_block(runtime)
         self.values = {s: batch for s in batch_values(gm, example_inputs)}  # every symbolic size is the batch
         self.layers, layer_terms, self.other_terms = [], [], []
         for node, terms in mac_terms_by_node(gm):
@@ -90,7 +94,7 @@ class LatencyModel:
                 layer_terms += spaces
             else:
                 self.other_terms += spaces
-        self.cache = _Cache(cache, self.block, threads)
+        self.cache = _Cache(cache, self.block, threads, self.provider)
         self._measure(progress)
         self.cache.save()
         self.tables = {layer.key: self._table(layer) for layer in self.layers}
@@ -134,16 +138,33 @@ class LatencyModel:
         return sorted({min(full, _round_up(max(1, round(full * f)), self.block)) for f in GRID})
 
     def _measure(self, progress: bool) -> None:
-        """Time every table point that is not in the cache yet."""
+        """Time every table point that is not in the cache yet, each point
+        once however many layers share it; noisy points again (see NOISY and
+        DRIFT in the module docstring)."""
         todo = {}
         for layer in self.layers:
             for point in _points([self._grid(n) for n in layer.full]):
                 if self.cache.get(layer.key, point) is None:
                     todo[layer.key, point] = layer
-        for (key, point), layer in tqdm(todo.items(), desc="latency tables", unit="point",
-                                        disable=not progress or not todo):
+        if not todo:
+            return
+        time_point = lambda model, shape: time_onnx(model, shape, self.threads, repeats=self.repeats,
+                                                    provider=self.provider, spread=True)
+        before = _reference_ms(time_point)
+        bar = tqdm(todo.items(), desc="latency tables", unit="point", disable=not progress)
+        for (key, point), layer in bar:
+            bar.set_postfix_str(f"{key.split('/')[0]} {'x'.join(map(str, point))} {key.rpartition('/')[2]}")
             model, shape = layer.build(point)
-            self.cache.put(key, point, time_onnx(model, shape, self.threads, repeats=self.repeats))
+            ms, spread = time_point(model, shape)
+            if spread > NOISY:
+                ms, spread = min((ms, spread), time_point(model, shape), key=lambda t: t[1])
+            self.cache.put(key, point, ms, trusted=spread <= NOISY)
+        after = _reference_ms(time_point)
+        if abs(after / before - 1) > DRIFT:
+            self.cache.distrust()
+            warnings.warn(f"the machine was busy while the latency tables were timed (a reference layer took "
+                          f"{before:.2f} ms before and {after:.2f} ms after): their {len(todo)} new points "
+                          f"serve this run and are not cached; time them on a quiet machine", stacklevel=3)
 
     def _table(self, layer: Layer):
         grid = [np.array(self._grid(n)) for n in layer.full]
@@ -174,6 +195,13 @@ def _interpolate(grid, table, point) -> float:
     return value
 
 
+def _reference_ms(time_point) -> float:
+    """The time of a fixed mid-sized conv (median of three timings), the
+    yardstick of the machine's speed before and after the tables."""
+    model, shape = _conv_onnx(1, 64, 64, 1, (3, 3), [1, 1], [1, 1], [1, 1], (28, 28))
+    return float(np.median([time_point(model, shape)[0] for _ in range(3)]))
+
+
 def _conv_layer(node, comb, batch) -> Layer | None:
     """A 2-D conv, not transposed: one table over (in, out) channels, or over
     the channels of a depthwise conv; other grouped convs are costed by MACs."""
@@ -188,10 +216,10 @@ def _conv_layer(node, comb, batch) -> Layer | None:
     shape = f"k{kh}x{kw}s{stride}p{padding}d{dilation}hw{h}x{wd}b{batch}"
     xd, od = comb.node_dims[x.name], comb.node_dims[out.name]
     if groups == 1:
-        return Layer(f"conv/{cin}x{cout}/{shape}", (xd[1], od[1]), (cin, cout),
+        return Layer(f"conv/{shape}", (xd[1], od[1]), (cin, cout),
                      lambda p: _conv_onnx(batch, p[0], p[1], 1, (kh, kw), stride, padding, dilation, (h, wd)))
     if groups == cin == cout:  # depthwise: one table over the channels
-        return Layer(f"dw/{cin}/{shape}", (xd[1],), (cin,),
+        return Layer(f"dw/{shape}", (xd[1],), (cin,),
                      lambda p: _conv_onnx(batch, p[0], p[0], p[0], (kh, kw), stride, padding, dilation, (h, wd)))
     return None
 
@@ -201,7 +229,7 @@ def _linear_layer(node, comb, values) -> Layer | None:
     rows = math.prod(concrete(s if isinstance(s, int) else s.node.expr, values) for s in x.meta["val"].shape[:-1])
     fan_in, fan_out = (int(s) for s in reversed(w.meta["val"].shape))
     xd, od = comb.node_dims[x.name], comb.node_dims[node.name]
-    return Layer(f"linear/{fan_in}x{fan_out}/m{rows}", (xd[-1], od[-1]), (fan_in, fan_out),
+    return Layer(f"linear/m{rows}", (xd[-1], od[-1]), (fan_in, fan_out),
                  lambda p: _linear_onnx(rows, p[0], p[1]))
 
 
@@ -230,13 +258,14 @@ def _linear_onnx(rows, fan_in, fan_out):
     return _model(nodes, [x], [w, b]), (rows, fan_in)
 
 
-def time_onnx(model: bytes, shape, threads=None, warmup: int = 2, repeats: int = 7) -> float:
-    """Median milliseconds of one onnxruntime CPU run of model on random input."""
-    import onnxruntime as ort
+def time_onnx(model: bytes, shape, threads=None, warmup: int = 2, repeats: int = 7,
+              provider: str = "CPUExecutionProvider", spread: bool = False):
+    """Median milliseconds of one onnxruntime run of model on random input;
+    with spread=True, (median, interquartile range / median) of the runs."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=[provider])
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
     for _ in range(warmup):
         session.run(None, feed)
@@ -245,16 +274,20 @@ def time_onnx(model: bytes, shape, threads=None, warmup: int = 2, repeats: int =
         start = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    median = float(np.median(times))
+    if not spread:
+        return median * 1e3
+    q25, q75 = np.percentile(times, [25, 75])
+    return median * 1e3, float((q75 - q25) / median)
 
 
 class _Cache:
     """Measured table points, per machine, in a JSON file (or in memory)."""
 
-    def __init__(self, folder, block, threads):
-        import onnxruntime as ort
-        machine = _machine(["CPUExecutionProvider"], threads)
-        ident = json.dumps([machine["cpu"], machine["cores"], threads, block, ort.__version__])
+    def __init__(self, folder, block, threads, provider_name):
+        machine = _machine([provider_name], threads)
+        device = machine["cuda"] if provider_name == "CUDAExecutionProvider" else machine["cpu"]
+        ident = json.dumps([device, machine["cores"], threads, block, provider_name, ort.__version__, 2])
         self.path = None
         if folder is not False:
             folder = Path(folder or cache_dir())
@@ -265,42 +298,56 @@ class _Cache:
                 self.points = json.loads(self.path.read_text())
             except (OSError, ValueError):
                 self.points = {}  # a damaged cache is measured again
-        self.dirty = False
+        self.new: set = set()  # timed in this run
+        self.untrusted: set = set()  # timed noisily in this run: used, never saved
 
     def get(self, key, point):
-        return self.points.get(f"{key}@{','.join(map(str, point))}")
+        return self.points.get(_point_key(key, point))
 
-    def put(self, key, point, ms):
-        self.points[f"{key}@{','.join(map(str, point))}"] = ms
-        self.dirty = True
+    def put(self, key, point, ms, trusted: bool = True):
+        k = _point_key(key, point)
+        self.points[k] = ms
+        self.new.add(k)
+        if not trusted:
+            self.untrusted.add(k)
+
+    def distrust(self):
+        """None of this run's new points is to be cached."""
+        self.untrusted |= self.new
 
     def save(self):
-        if self.path is None or not self.dirty:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.points, f)
-        os.replace(tmp, self.path)
+        if self.path is not None and self.new - self.untrusted:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, {k: v for k, v in self.points.items() if k not in self.untrusted})
+
+
+def _point_key(key, point) -> str:
+    return f"{key}@{','.join(map(str, point))}"
 
 
 class Measured:
     """The whole model in onnxruntime: its latency, and a slim version's as a
-    share of it, timed in interleaved runs (see cpdfx.bench)."""
+    share of it, timed in interleaved runs (see cpdfx.bench). The example
+    input is one tensor, alone or as a 1-tuple."""
 
-    def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, repeats: int = 20):
+    def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, runtime: str = "cpu",
+                 repeats: int = 20):
+        inputs = as_tuple(example_inputs)
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            raise ValueError(f"a latency budget times the model in onnxruntime on one input tensor; this model "
+                             f"takes {len(inputs)} input(s): give a macs= or params= budget instead")
         self.folder = tempfile.TemporaryDirectory(prefix="cpdfx-latency-")
         self.example_inputs, self.batch, self.threads, self.repeats = example_inputs, batch, threads, repeats
+        self.provider = provider(runtime)
         self.original = export_onnx(gm, example_inputs, Path(self.folder.name) / "original.onnx")
-        self.shape = tuple(example_inputs.shape[1:]) if isinstance(example_inputs, torch.Tensor) else None
-        if self.shape is None:
-            raise ValueError("a latency budget needs a model with one tensor input")
+        self.shape = tuple(inputs[0].shape[1:])
         with open(self.original, "rb") as f:
-            self.full_ms = time_onnx(f.read(), (batch, *self.shape), threads, repeats=repeats)
+            self.full_ms = time_onnx(f.read(), (batch, *self.shape), threads, repeats=repeats, provider=self.provider)
 
     def share(self, slim) -> float:
         """slim's median latency over the original's, in the same runs."""
         path = export_onnx(slim, self.example_inputs, Path(self.folder.name) / "slim.onnx")
         result = bench({"original": self.original, "slim": path}, self.shape, batch_sizes=(self.batch,),
-                       threads=self.threads, warmup=3, repeats=self.repeats, progress=False)
+                       threads=self.threads, providers=[self.provider], warmup=3, repeats=self.repeats,
+                       progress=False)
         return 1.0 / result.rows[1]["speedup"]

@@ -146,7 +146,8 @@ class LearnedCallback(PruneCallback):
         self.penalty, self.growth, self.threshold, self.every = penalty, growth, threshold, every
         self.cost_power = cost_power
         self.example_inputs = example_inputs
-        self.free, self.fixed = pruner.rules.split(pruner.comb.prunable)
+        self.rules = pruner.rules.alignments(pruner.comb)[0]  # the coarsest widths the final cut may use
+        self.free, self.fixed = self.rules.split(pruner.comb.prunable)
         self.free_ids = [g.id for g in self.free]
         self.cost_model = CostModel(pruner.gm, pruner.comb, example_inputs)
         self.budget = Budget(self.cost_model, target)
@@ -162,9 +163,9 @@ class LearnedCallback(PruneCallback):
 
     def open_counts(self) -> dict:
         """Per free group, the channels whose gate is open, within the constraints."""
-        rules, gates = self.pruner.rules, self.student.values()
+        rules, gates = self.rules, self.student.values()
         return {g.id: rules.rounded(max(int(_open(gates[g.id], self.threshold).sum()), rules.floor(g.size, g.id)),
-                                    g.size) for g in self.free}
+                                    g.size, g.id) for g in self.free}
 
     def _cost_weights(self, counts: dict) -> dict:
         """Per free group, what one more channel costs at these sizes (the

@@ -18,7 +18,7 @@ from .data import DataError, resolve_data
 from .distill import distill, evaluate
 from .export import export_onnx, save
 from .files import atomic_path, cache_dir, write_json, write_text
-from .latency import channel_block
+from .runtime import channel_block
 from .models import ResNetTiny
 from .report import REPORT, format_report, per_image
 from .version import __version__
@@ -209,7 +209,7 @@ def run_demo(args, plan: DemoPlan | None = None) -> dict:
               f"channel counts in multiples of {block}")
         result = compress(teacher, x, slim_train, val, macs=args.macs, importance=args.importance,
                           prune_steps=plan.prune_steps, epochs=plan.slim_epochs, batch_size=plan.batch_size,
-                          lr=plan.lr, round_to=block, out_dir=Path(args.out) / "train")
+                          lr=plan.lr, out_dir=Path(args.out) / "train")
         print(f"    top-1 on {len(val)} test images: teacher {result.report['teacher']['top1']:.2%}, "
               f"slim {result.report['student']['top1']:.2%}")
         print("3/3 exporting to ONNX, timing in onnxruntime, writing the report")

@@ -29,7 +29,8 @@ from .passes import eliminate, kept_indices
 from .capture import capture
 from .cost import CostModel
 from .importance import group_slices, resolve
-from .budget import Constraints, Target
+from .budget import BudgetError, Constraints, Target
+from .latency import LatencyModel, Measured
 from .report import REPORT, build_report
 from .solve import plan, score
 
@@ -51,20 +52,26 @@ class Pruner:
     """Prunes a model to a budget in `steps` steps (see the module docstring).
 
     model_or_gm: a module (captured here) or a cpdfx GraphModule;
-    importance, calibration, loss_fn, ignore, overrides, min_keep, round_to: as
-        for cpdfx.prune (`rules`, a prune.Constraints, replaces the last four);
+    importance, calibration, loss_fn, ignore, overrides, min_keep, round_to, runtime: as
+        for cpdfx.prune (`rules`, a prune.Constraints, replaces the last five);
+    latency, latency_options: a latency budget, as for cpdfx.prune: every step
+        is solved on the tables of the graph it starts from and measured in
+        onnxruntime, the next step's target taken from what was measured, and
+        the last step corrected until the measured share lands on the target;
         gradient criteria score from the batches seen through
         `accumulate()` since the last step, or from `calibration` when none were.
     """
 
-    def __init__(self, model_or_gm, example_inputs, importance="fisher", *, macs=None, params=None,
+    def __init__(self, model_or_gm, example_inputs, importance="fisher", *, macs=None, params=None, latency=None,
                  steps: int = 5, schedule: str = "geometric", calibration=None, loss_fn=None,
-                 ignore=(), overrides=None, min_keep=1, round_to: int = 1, rules: Constraints | None = None):
-        self.target = Target(macs, params)
+                 ignore=(), overrides=None, min_keep=1, round_to: int | None = None, runtime: str = "cpu",
+                 rules: Constraints | None = None, latency_options: dict | None = None):
+        self.target = Target(macs, params, latency)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r}: give a positive number of pruning steps")
-        self.targets = [(m, p) for m, p in zip(_shares(macs, steps, schedule), _shares(params, steps, schedule))]
-        self.rules = rules or Constraints(tuple(ignore), dict(overrides or {}), min_keep, round_to)
+        self.targets = list(zip(_shares(macs, steps, schedule), _shares(params, steps, schedule),
+                                _shares(latency, steps, schedule)))
+        self.rules = rules or Constraints(tuple(ignore), dict(overrides or {}), min_keep, round_to, runtime)
         self.criterion = resolve(importance)
         self.example_inputs, self.loss_fn = example_inputs, loss_fn
         self.calibration = list(calibration) if calibration is not None else None  # read at every step
@@ -74,6 +81,13 @@ class Pruner:
         self.steps_done = 0
         self.history: list[dict] = []
         self.keeps: list[dict] = []  # each step's keep set, in the comb it was applied to (see replay)
+        self.latency_options = {"runtime": self.rules.runtime, **(latency_options or {})}
+        self.measured = self.latency_share = None
+        if latency is not None:  # the original, timed in onnxruntime: what every step's latency is a share of
+            options = self.latency_options
+            self.measured = Measured(self.gm, example_inputs, batch=options.get("batch", 8),
+                                     threads=options.get("threads"), runtime=options["runtime"])
+            self.latency_share = 1.0
 
     @property
     def done(self) -> bool:
@@ -90,25 +104,37 @@ class Pruner:
         the optimizer's parameters and state are replaced by sliced ones."""
         if self.done:
             return self.gm
-        macs, params = self.targets[self.steps_done]
+        macs, params, latency = self.targets[self.steps_done]
         current = CostModel(self.gm, self.comb, self.example_inputs)()
-        shares = {"macs": _relative(macs, self.base.macs, current.macs),
-                  "params": _relative(params, self.base.params, current.params)}
+        target = Target(_relative(macs, self.base.macs, current.macs), _relative(params, self.base.params, current.params),
+                        _relative(latency, 1.0, self.latency_share))
         seen = not self.criterion.needs_gradients or self.criterion.batches > 0
         scores = (self.criterion.scores(self.gm, self.comb) if seen else
                   score(self.criterion, self.gm, self.comb, self.example_inputs, self.calibration, self.loss_fn))
         rules = replace(self.rules, original_sizes=original_sizes(self.original, self.gm, self.comb))
-        chosen = plan(self.gm, self.comb, self.example_inputs, Target(**shares), importance=self.criterion,
-                      rules=rules, scores=scores)
+        options = dict(importance=self.criterion, rules=rules, scores=scores)
+        latency_model = None
+        if latency is None:
+            chosen = plan(self.gm, self.comb, self.example_inputs, target, **options)
+            slim = eliminate(self.gm, self.comb, chosen.keep)
+        else:
+            latency_model = LatencyModel(self.gm, self.comb, self.example_inputs,
+                                         full_ms=self.measured.full_ms * self.latency_share, **self.latency_options)
+            slim, chosen, self.latency_share = to_latency(self.gm, self.comb, self.example_inputs, target, latency,
+                                                          self.measured, latency_model, options,
+                                                          rounds=3 if self.steps_done == len(self.targets) - 1 else 1)
         self.keeps.append(_plain_keep(chosen.keep))
-        slim = eliminate(self.gm, self.comb, chosen.keep)
         if optimizer is not None:
             slice_optimizer(optimizer, self.gm, slim, kept_indices(self.comb, chosen.keep))
         self.history.append({"step": self.steps_done + 1, "macs": chosen.after.macs / self.base.macs,
-                             "params": chosen.after.params / self.base.params})
+                             "params": chosen.after.params / self.base.params,
+                             **({"latency": self.latency_share} if latency is not None else {})})
         slim.meta[REPORT] = build_report(self.original, slim, self.comb, chosen, self.criterion,
-                                         self.target, self.example_inputs, original_sizes=rules.original_sizes)
+                                         self.target, self.example_inputs, latency_model,
+                                         original_sizes=rules.original_sizes)
         slim.meta[REPORT]["steps"] = list(self.history)
+        if latency is not None:
+            slim.meta[REPORT]["achieved"]["latency"] = self.latency_share
         self.gm, self.comb = slim, comb_pass(slim)
         self.criterion.reset()
         self.steps_done += 1
@@ -139,6 +165,8 @@ class Pruner:
         for keep in state["keeps"]:
             self.replay(keep)
         self.history = [dict(h) for h in state["history"]]
+        if self.latency_share is not None and self.history:
+            self.latency_share = self.history[-1]["latency"]  # what the next step's latency target is relative to
         if state.get("report") is not None and self.steps_done:
             self.gm.meta[REPORT] = state["report"]
         _load_criterion_state(self.criterion, state.get("criterion"))
@@ -155,6 +183,37 @@ class Pruner:
         self.criterion.reset()
         self.steps_done += 1
         return slim
+
+
+def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: Measured, latency_model,
+               plan_options: dict, rounds: int = 3, slack: float = 0.02):
+    """Solve to `target` on the latency tables, time the result in onnxruntime
+    (`measured.share`: a share of the original's latency), and solve again with
+    the target scaled by goal / measured (the tables miss what layers share:
+    caches, fused ops, the non-conv rest), up to `rounds` times; returns
+    (slim, plan, measured share), the closest to `goal` that is not over it by
+    more than `slack`. With rounds=1, the one result whatever it measured."""
+    asked, best, share = target.latency, None, None
+    for round_ in range(rounds):
+        try:
+            chosen = plan(gm, comb, example_inputs, replace(target, latency=asked), latency_model=latency_model,
+                          **plan_options)
+        except BudgetError:
+            if round_ == 0:
+                raise
+            break  # the correction asked for more than the tables allow
+        slim = eliminate(gm, comb, chosen.keep)
+        share = measured.share(slim)
+        if rounds == 1 or share <= goal + slack and (best is None or share > best[2]):
+            best = (slim, chosen, share)
+        if abs(share - goal) <= slack:
+            break
+        asked = min(1.0, asked * goal / share)
+    if best is None:
+        raise BudgetError(f"latency={goal:g} was not reached: after {rounds} rounds the pruned model still runs "
+                          f"at {share:.0%} of the original's time in onnxruntime; ask for a larger share, or add "
+                          f"a macs= target")
+    return best
 
 
 def original_sizes(original: fx.GraphModule, gm: fx.GraphModule, comb) -> dict:

@@ -32,6 +32,7 @@ def build_report(gm, slim, groups, chosen, criterion, target, example_inputs, la
         "params": [before.params, after.params],
         "groups_pruned": sum(g["size"][1] < g["size"][0] for g in groups_report),
         "groups_prunable": chosen.groups_prunable,
+        "round_to": chosen.round_to,
         "layers": _layers(gm, slim),
         "groups": groups_report,
     }

@@ -17,9 +17,12 @@ from .cost import Cost, CostModel
 from .importance import Criterion, calibrate, normalise, resolve
 
 
+CLOSE = 0.95  # the coarsest alignment whose result uses this much of the budget is the one kept
+
+
 def keep_counts(scores: dict, sizes: dict, threshold: float, rules: Constraints) -> dict:
     """Per group, how many channels score above threshold (within the constraints)."""
-    return {g: rules.rounded(max(int((s > threshold).sum()), rules.floor(sizes[g], g)), sizes[g])
+    return {g: rules.rounded(max(int((s > threshold).sum()), rules.floor(sizes[g], g)), sizes[g], g)
             for g, s in scores.items()}
 
 
@@ -45,7 +48,7 @@ def solve(budget, scores: dict, sizes: dict, rules: Constraints, fixed: dict | N
     if not fits(keep_counts(scores, sizes, thresholds[-1], rules)):
         smallest = {**keep_counts(scores, sizes, thresholds[-1], rules), **fixed}
         raise BudgetError(f"cannot reach {budget}: pruning every prunable group to its minimum "
-                          f"(min_keep={rules.min_keep}, round_to={rules.round_to}) leaves "
+                          f"(min_keep={rules.min_keep}, widths in multiples of {rules.round_to}) leaves "
                           f"{budget.shares(smallest)}; ask for a larger share, or lower min_keep / round_to")
     lo, hi = 0, len(thresholds) - 1  # the highest threshold fits
     while lo < hi:
@@ -70,7 +73,7 @@ def _fill(counts, ranked, sizes, rules, fits, hold=()) -> dict:
         if not open_:
             return counts
         g = max(open_)[1]
-        grown = {**counts, g: rules.rounded(counts[g] + 1, sizes[g])}
+        grown = {**counts, g: rules.rounded(counts[g] + 1, sizes[g], g)}
         if fits(grown):
             counts = grown
         else:
@@ -109,16 +112,29 @@ class Plan:
     before: Cost
     after: Cost
     groups_prunable: int
+    round_to: int  # the channel multiple the widths were solved in (see Constraints.alignments)
 
 
-def unit_costs(cost_model: CostModel, groups, target: Target) -> dict:
-    """Per group, the share of the budgeted metrics one channel carries (at full size)."""
+def unit_costs(cost_model: CostModel, groups, target: Target, latency_model=None) -> dict:
+    """Per group, the share of the budgeted metrics one channel carries (at
+    full size). Latency is read off the tables a block at a time (a channel
+    less inside a block saves no time), and a group whose block saves none
+    costs as little as the cheapest that does."""
     base = cost_model()
-    metrics = [m for m in ("macs", "params") if getattr(target, m) is not None] or ["macs"]
+    metrics = [m for m in ("macs", "params") if getattr(target, m) is not None]
+    if not metrics and target.latency is None:
+        metrics = ["macs"]
     out = {}
     for g in groups:
         smaller = cost_model({g.id: g.size - 1})
         out[g.id] = sum((getattr(base, m) - getattr(smaller, m)) / max(getattr(base, m), 1) for m in metrics)
+    if target.latency is not None:
+        full = latency_model()
+        block = min(latency_model.block, max(g.size for g in groups)) if groups else 1
+        saved = {g.id: max(0.0, full - latency_model({g.id: max(g.size - block, 1)})) / min(block, g.size - 1) / full
+                 for g in groups}
+        least = min((v for v in saved.values() if v > 0), default=1.0)
+        out = {g: out[g] + max(saved[g], least) for g in out}
     return out
 
 
@@ -142,13 +158,35 @@ def plan(gm: fx.GraphModule, groups, example_inputs, target: Target, *, importan
     free, fixed = rules.split(groups.prunable)
     raw = scores if scores is not None else score(criterion, gm, groups, example_inputs, calibration, loss_fn)
     cost_model = CostModel(gm, groups, example_inputs)
-    normalised = normalise({g.id: raw[g.id] for g in free}, criterion.normalisation,
-                           unit_costs(cost_model, free, target) if criterion.normalisation == "cost" else None)
+    per_cost = criterion.normalisation == "cost" or target.latency is not None
+    costs = unit_costs(cost_model, free, target, latency_model) if per_cost else None
+    normalised = normalise({g.id: raw[g.id] for g in free}, criterion.normalisation, costs)
+    if target.latency is not None and criterion.normalisation != "cost":
+        normalised = normalise(normalised, "cost", costs)  # importance per unit of time: a knapsack (HALP)
     budget = Budget(cost_model, target, latency_model)
+    best, error = None, None
+    for aligned in rules.alignments(groups):
+        try:
+            chosen = _plan(aligned, budget, raw, normalised, free, groups)
+        except BudgetError as err:  # no room for widths this coarse
+            error = error or err
+            continue
+        if budget.used(chosen.counts) >= CLOSE:
+            return chosen
+        if best is None or budget.used(chosen.counts) > budget.used(best.counts):
+            best = chosen  # too far under the budget: finer widths may land closer
+    if best is None:
+        raise error
+    return best
+
+
+def _plan(rules, budget, raw, normalised, free, groups) -> Plan:
+    _, fixed = rules.split(groups.prunable)
     counts = solve(budget, normalised, {g.id: g.size for g in free}, rules, fixed)
     sizes = {g.id: g.size for g in groups.prunable}
     keep = strongest({**normalised, **{g: _fixed_scores(raw, g, sizes) for g in fixed}}, counts, sizes)
-    return Plan(keep, counts, normalised, cost_model(), cost_model(counts), len(free) + len(fixed))
+    cost_model = budget.cost_model
+    return Plan(keep, counts, normalised, cost_model(), cost_model(counts), len(free) + len(fixed), rules.round_to)
 
 
 def _fixed_scores(raw, gid, sizes):

@@ -214,6 +214,29 @@ class Spaces:
                 out += [(atom, c[index]) for atom, c in self.coords(p)]
         return out
 
+    def multiplicity(self, i: int, atom: int, free=frozenset()) -> int:
+        """How many positions of space i one element of `atom` stands for,
+        counting only the factors that stay whole: 1 for a plain channel,
+        head_dim for a head of a heads x head_dim space when head_dim is not
+        in `free` (atoms that may shrink count 1); 0 when atom is not in i."""
+        r, atom = self.find(i), self.find(atom)
+        if r == atom:
+            return 1
+        if r not in self.definition:
+            return 0
+        kind, parts = self.definition[r]
+        total = 0
+        for k, p in enumerate(parts):
+            m = self.multiplicity(p, atom, free)
+            if m and kind == PROD:
+                m *= _product(self._whole(q, free) for j, q in enumerate(parts) if j != k)
+            total += m
+        return total
+
+    def _whole(self, i: int, free) -> int:
+        """The size of space i if none of its atoms may shrink, else 1."""
+        return 1 if any(a in free for a in self.atoms(i)) else self.size[self.find(i)]
+
     def kept_positions(self, i: int, keep: dict) -> np.ndarray:
         """Boolean mask over the positions of space i that survive `keep`
         (atom -> kept indices; atoms not in keep keep everything)."""

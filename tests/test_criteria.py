@@ -51,11 +51,17 @@ def test_every_criterion_meets_macs_and_params_budgets(captured, name, importanc
 
 
 def test_round_to_eight_on_a_transformer(captured):
+    """round_to counts channels in the layers' dims: a head_dim group of a
+    4-head attention steps by 2 (2 x 4 heads = 8 channels of q and k)."""
     gm, x = captured["hf:vit"]
     slim = cpdfx.prune(gm, x, macs=0.5, importance="fisher", calibration=_calibration((3, 64, 64)), round_to=8)
-    for row in slim.meta["cpdfx_report"]["groups"]:
-        before, after = row["size"]
-        assert after == before or after % 8 == 0, row
+    layers = slim.meta["cpdfx_report"]["layers"]
+    assert layers
+    for row in layers:
+        for before, after in zip(row["before"], row["after"]):
+            assert after == before or after % 8 == 0, row
+    assert any(after % 8 for row in slim.meta["cpdfx_report"]["groups"] for after in row["size"][1:]), \
+        "no group steps by fewer than 8 elements: the head-aware steps went unused"
     assert 0.48 <= _achieved(gm, slim, x, "macs") <= 0.5
 
 
@@ -123,7 +129,7 @@ def test_taylor_takes_the_absolute_gradient_per_batch():
 def test_bn_scale_ranks_by_gamma():
     model = _vgg_with_dead_and_strong_channels()
     x = torch.randn(2, 3, 16, 16)
-    slim = cpdfx.prune(model, x, macs=0.5, importance="bn_scale")
+    slim = cpdfx.prune(model, x, macs=0.5, importance="bn_scale", round_to=1)
     kept = slim.meta["cpdfx_kept"]["features.0.0.weight"][0]
     assert 5 in kept and 7 not in kept
 

@@ -1,13 +1,18 @@
 """The latency model (tables, cache, block rounding) and the latency budget's
 correction loop. No assertion here depends on how fast anything ran: timing
 claims live in benchmarks/."""
+import warnings
+
 import pytest
 import torch
 
 import cpdfx
 import cpdfx.latency as latency
+import cpdfx.pruner as pruner
 from cpdfx import passes
+from cpdfx.budget import Constraints, Target
 from cpdfx.models import MODELS
+from cpdfx.solve import plan
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +24,14 @@ def vgg():
 
 def test_tables_are_cached_and_estimates_follow_the_block(vgg, tmp_path, monkeypatch):
     gm, comb, x = vgg
+    times = iter(range(1, 10 ** 6))  # every point a new time, no spread: a quiet machine
+    monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, **k: (
+        1.0 if tuple(shape) == (1, 64, 28, 28) else float(next(times)), 0.0))
     model = latency.LatencyModel(gm, comb, x, batch=2, block=16, repeats=2, cache=tmp_path, progress=False)
     assert len(model.layers) == 5  # three convs and two linear layers
     assert model() > 0
     timed = []
-    monkeypatch.setattr(latency, "time_onnx", lambda *a, **k: timed.append(a) or 1.0)
+    monkeypatch.setattr(latency, "time_onnx", lambda *a, **k: timed.append(a) or (1.0, 0.0))
     again = latency.LatencyModel(gm, comb, x, batch=2, block=16, repeats=2, cache=tmp_path, progress=False)
     assert timed == [] and again() == pytest.approx(model())  # all from the cache
     wide = next(g for g in comb.prunable if ("features.2.0.weight", 0) in g.params)  # 32 channels
@@ -46,14 +54,14 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
         def share(self, slim):
             return next(shares)
 
-    real_plan = cpdfx.prune.__globals__["plan"]
+    real_plan = pruner.plan
 
     def spy_plan(*args, **kwargs):
         asked.append(args[3].latency)  # plan(gm, groups, example_inputs, target, ...)
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setitem(cpdfx.prune.__globals__, "Measured", FakeMeasured)
-    monkeypatch.setitem(cpdfx.prune.__globals__, "plan", spy_plan)
+    monkeypatch.setattr(pruner, "Measured", FakeMeasured)
+    monkeypatch.setattr(pruner, "plan", spy_plan)
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.7,
                        latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
@@ -72,7 +80,159 @@ def test_latency_budget_that_cannot_be_met_says_so(monkeypatch):
         def share(self, slim):
             return 0.95
 
-    monkeypatch.setitem(cpdfx.prune.__globals__, "Measured", Slow)
+    monkeypatch.setattr(pruner, "Measured", Slow)
     with pytest.raises(cpdfx.BudgetError, match="latency=0.7 was not reached"):
         cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
                     latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
+
+
+# -- tables that are quick and robust ----------------------------------------------------
+
+def _fake_timer(monkeypatch, spread=0.0, reference=(1.0, 1.0)):
+    """time_onnx replaced: the reference conv (1x64x28x28) takes reference[0]
+    before the tables and reference[1] after; every table point 1 ms with the
+    given spread. Returns the list of timed shapes (reference excluded)."""
+    timed, refs = [], []
+
+    def fake(model, shape, threads=None, repeats=7, provider=None, spread_=None, **kwargs):
+        if tuple(shape) == (1, 64, 28, 28):
+            refs.append(shape)
+            return reference[0] if len(refs) <= 3 else reference[1], 0.0
+        timed.append(tuple(shape))
+        return 1.0, spread
+
+    monkeypatch.setattr(latency, "time_onnx", fake)
+    return timed
+
+
+class TwinConvs(torch.nn.Module):
+    """Two convs of one configuration (16 -> 16, 3x3, same size): one table."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_points_are_shared_by_layers_of_one_configuration(monkeypatch, tmp_path):
+    timed = _fake_timer(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    latency.LatencyModel(gm, passes.comb(gm), x, batch=2, block=8, cache=tmp_path, progress=False)
+    # stem 3 -> (8|16): 2 points; a and b, (8|16) x (8|16): 4 points, once for both; head (8|16) -> 5: 2
+    assert len(timed) == 8
+    again = []
+    monkeypatch.setattr(latency, "time_onnx", lambda *a, **k: again.append(a) or (1.0, 0.0))
+    slim = cpdfx.prune(gm, x, macs=0.6, round_to=8)
+    latency.LatencyModel(slim, passes.comb(slim), x, batch=2, block=8, cache=tmp_path, progress=False)
+    assert again == []  # the pruned graph's points are the original's grid points
+
+
+def test_noisy_points_are_used_but_not_cached(monkeypatch, tmp_path):
+    timed = _fake_timer(monkeypatch, spread=0.5)
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    comb = passes.comb(gm)
+    model = latency.LatencyModel(gm, comb, x, batch=2, block=8, cache=tmp_path, progress=False)
+    first = len(timed)
+    assert first > 0 and model() > 0
+    assert first == 2 * 8  # each noisy point timed twice
+    latency.LatencyModel(gm, comb, x, batch=2, block=8, cache=tmp_path, progress=False)
+    assert len(timed) == 2 * first  # nothing came from the cache: all timed again
+
+
+def test_a_busy_machine_leaves_no_cached_truth(monkeypatch, tmp_path):
+    timed = _fake_timer(monkeypatch, reference=(1.0, 1.5))  # the yardstick ran 50% slower at the end
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    comb = passes.comb(gm)
+    with pytest.warns(UserWarning, match="the machine was busy"):
+        latency.LatencyModel(gm, comb, x, batch=2, block=8, cache=tmp_path, progress=False)
+    first = len(timed)
+    _fake_timer(monkeypatch)  # quiet now
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        latency.LatencyModel(gm, comb, x, batch=2, block=8, cache=tmp_path, progress=False)
+    assert list(tmp_path.glob("latency-*.json")) and first > 0
+
+
+# -- the knapsack, the example forms, the steps -------------------------------------------
+
+class Tables:
+    """A latency model of two groups: each channel of `slow` costs 10 ms, of `fast` 1 ms."""
+    block = 1
+
+    def __init__(self, slow, fast):
+        self.slow, self.fast = slow, fast
+
+    def __call__(self, sizes=None):
+        sizes = sizes or {}
+        return 10.0 * sizes.get(self.slow.id, self.slow.size) + sizes.get(self.fast.id, self.fast.size)
+
+
+def test_latency_budget_ranks_importance_per_unit_of_time():
+    """Two layers of equal weights: per MAC they are alike, per millisecond the
+    slow one's channels buy ten times more; the knapsack takes them first."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
+                                torch.nn.ReLU(), torch.nn.Conv2d(16, 5, 1)).eval()
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight.fill_(0.1)
+    x = torch.randn(2, 3, 12, 12)
+    gm = cpdfx.capture(model, x)
+    comb = passes.comb(gm)
+    first, second = sorted(comb.prunable, key=lambda g: min(g.params)[0])
+    chosen = plan(gm, comb, x, Target(latency=0.6), importance="l1", rules=Constraints(round_to=1),
+                  latency_model=Tables(slow=second, fast=first))
+    assert chosen.counts.get(first.id, 16) >= 15 and chosen.counts[second.id] <= 9
+
+
+def test_measured_takes_a_one_tuple_and_refuses_two_inputs():
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    measured = latency.Measured(gm, (x,), batch=2, repeats=2)
+    assert measured.shape == (3, 8, 8) and measured.full_ms > 0
+
+    class Two(torch.nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    two = cpdfx.capture(Two(), (x, x))
+    with pytest.raises(ValueError, match="one input tensor; this model takes 2"):
+        latency.Measured(two, (x, x), batch=2)
+
+
+def test_latency_in_steps_targets_each_step_from_what_was_measured(monkeypatch):
+    """Step k asks for its share of the original over the share measured after
+    step k-1; the report keeps what every step measured."""
+    measured = iter([0.8, 0.63])
+    asked = []
+
+    class FakeMeasured:
+        full_ms = 0.0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def share(self, slim):
+            return next(measured)
+
+    real_plan = pruner.plan
+
+    def spy_plan(*args, **kwargs):
+        asked.append(args[3].latency)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(pruner, "Measured", FakeMeasured)
+    monkeypatch.setattr(pruner, "plan", spy_plan)
+    model = MODELS["resnet"](widths=(32, 64, 128)).eval()
+    slim = cpdfx.prune(model, (torch.randn(2, 3, 16, 16),), latency=0.64, steps=2,
+                       latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
+    assert asked[0] == pytest.approx(0.8) and asked[1] == pytest.approx(0.64 / 0.8)  # 0.64 ** (1/2), then relative
+    report = slim.meta["cpdfx_report"]
+    assert [s["latency"] for s in report["steps"]] == [0.8, 0.63] and report["achieved"]["latency"] == 0.63

@@ -55,15 +55,15 @@ def test_importance_ranks_what_is_removed():
     model = MODELS["vgg"]().eval()
     with torch.no_grad():
         model.features[0][0].weight[5] *= 100
-    slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), macs=0.5, importance="l1")
+    slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), macs=0.5, importance="l1", round_to=1)
     assert 5 in slim.meta["cpdfx_kept"]["features.0.0.weight"][0]
 
 
 def test_pruning_a_slim_model_again_composes_kept_indices():
     model = MODELS["resnet"]().eval()
     x = torch.randn(2, 3, 16, 16)
-    once = cpdfx.prune(model, x, macs=0.7)
-    twice = cpdfx.prune(once, x, macs=0.7)
+    once = cpdfx.prune(model, x, macs=0.7, round_to=1)
+    twice = cpdfx.prune(once, x, macs=0.7, round_to=1)
     assert 0.46 <= cpdfx.cost(twice, x).macs / cpdfx.cost(model, x).macs <= 0.5
     kept1 = once.meta["cpdfx_kept"]["stem.0.weight"][0]
     kept2 = twice.meta["cpdfx_kept"]["stem.0.weight"][0]
@@ -85,7 +85,7 @@ def test_pruning_in_steps_rescores_and_reaches_the_budget():
     x = torch.randn(2, 3, 16, 16)
     calibration = (batch for batch in _images())  # a generator: read once per round all the same
     slim = cpdfx.prune(model, x, macs=0.5, importance="fisher", calibration=calibration, steps=3,
-                       reestimate_bn=False)
+                       reestimate_bn=False, round_to=1)
     report = slim.meta["cpdfx_report"]
     assert [s["step"] for s in report["steps"]] == [1, 2, 3]
     assert [round(s["macs"], 2) for s in report["steps"][:2]] == [0.79, 0.63]  # geometric: 0.5 ** (k / 3)
@@ -100,7 +100,7 @@ def test_shares_in_the_constraints_do_not_compound_over_steps():
     keep what one round keeps, not the share of a share of a share."""
     model = MODELS["resnet"]().eval()
     x = torch.randn(2, 3, 16, 16)
-    slim = cpdfx.prune(model, x, macs=0.6, steps=5, overrides={"stem.0": 0.5}, min_keep=0.4)
+    slim = cpdfx.prune(model, x, macs=0.6, steps=5, overrides={"stem.0": 0.5}, min_keep=0.4, round_to=1)
     assert 0.58 <= slim.meta["cpdfx_report"]["achieved"]["macs"] <= 0.6
     kept = slim.meta["cpdfx_kept"]
     assert len(kept["stem.0.weight"][0]) == 8  # half of 16

@@ -1,0 +1,40 @@
+"""The runtime a slim model ships to, and the channel block it computes in.
+
+onnxruntime's CPU convolutions run in NCHWc layout on blocks of 8 or 16
+channels (MLAS, by the CPU's vector width): a conv whose channel counts are
+not multiples of the block falls back to a slower path, and one with 100
+channels costs what 112 do. On a GPU, cuDNN and cuBLAS reach the tensor
+cores with channel counts in multiples of 8. So pruned widths are rounded to
+the block of the runtime the model will run on (see budget.Constraints).
+"""
+from __future__ import annotations
+
+import os
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}  # runtime -> onnxruntime provider
+CUDA_BLOCK = 8
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in PROVIDERS:
+        raise ValueError(f"runtime={runtime!r}: choose {' or '.join(map(repr, PROVIDERS))}, "
+                         f"the onnxruntime provider the slim model will run on")
+    return runtime
+
+
+def channel_block(runtime: str = "cpu") -> int:
+    """The channel block of `runtime`: on the CPU, onnxruntime's MLAS NCHWc
+    block of this machine (16 with AVX-512, 8 with AVX2/AVX, else 4 for NEON
+    and others); on CUDA, 8."""
+    if check_runtime(runtime) == "cuda":
+        return CUDA_BLOCK
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    words = set(flags.split())
+    return 16 if "avx512f" in words else 8 if words & {"avx2", "avx"} else 4
+
+
+def provider(runtime: str) -> str:
+    return PROVIDERS[check_runtime(runtime)]
