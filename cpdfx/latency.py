@@ -153,7 +153,7 @@ class LatencyModel:
         before = _reference_ms(time_point)
         bar = tqdm(todo.items(), desc="latency tables", unit="point", disable=not progress)
         for (key, point), layer in bar:
-            bar.set_postfix_str(f"{key.split('/')[0]} {'x'.join(map(str, point))} {key.rpartition('/')[2]}")
+            bar.set_postfix_str(f"{key.replace('/', ' ')} at {'x'.join(map(str, point))}", refresh=False)
             model, shape = layer.build(point)
             ms, spread = time_point(model, shape)
             if spread > NOISY:
@@ -213,7 +213,8 @@ def _conv_layer(node, comb, batch) -> Layer | None:
     stride, padding, dilation = (list(arg(node, name)) for name in ("stride", "padding", "dilation"))
     cin, cout, h, wd = int(xs[1]), int(ws[0]), int(xs[2]), int(xs[3])
     kh, kw = int(ws[2]), int(ws[3])
-    shape = f"k{kh}x{kw}s{stride}p{padding}d{dilation}hw{h}x{wd}b{batch}"
+    shape = (f"k{kh}x{kw} s{'x'.join(map(str, stride))} p{'x'.join(map(str, padding))} "
+             f"d{'x'.join(map(str, dilation))} {h}x{wd} b{batch}")
     xd, od = comb.node_dims[x.name], comb.node_dims[out.name]
     if groups == 1:
         return Layer(f"conv/{shape}", (xd[1], od[1]), (cin, cout),

@@ -146,7 +146,7 @@ class LearnedCallback(PruneCallback):
         self.penalty, self.growth, self.threshold, self.every = penalty, growth, threshold, every
         self.cost_power = cost_power
         self.example_inputs = example_inputs
-        self.rules = pruner.rules.alignments(pruner.comb)[0]  # the coarsest widths the final cut may use
+        self.rules = pruner.rules.alignments(pruner.comb)[-1]  # the finest widths the final cut may use
         self.free, self.fixed = self.rules.split(pruner.comb.prunable)
         self.free_ids = [g.id for g in self.free]
         self.cost_model = CostModel(pruner.gm, pruner.comb, example_inputs)

@@ -131,7 +131,7 @@ def test_batch_norm_statistics_are_reestimated_on_the_calibration_inputs():
     ({}, "give a budget"), ({"macs": 0}, "in \\(0, 1\\]"), ({"macs": 1.5}, "in \\(0, 1\\]"),
     ({"params": -1}, "in \\(0, 1\\]"), ({"macs": 1e-6}, "cannot reach macs=1e-06: pruning every prunable group to its minimum"),
     ({"macs": 0.5, "importance": "nope"}, "unknown importance"), ({"macs": 0.5, "steps": 0}, "positive number"),
-    ({"latency": 0.5, "steps": 2}, "solved in one round")])
+    ({"latency": 0.5, "runtime": "tpu"}, "runtime='tpu'"), ({"macs": 0.5, "round_to": 0}, "round_to=0")])
 def test_bad_budgets_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cpdfx.prune(MODELS["vgg"]().eval(), torch.randn(2, 3, 16, 16), **kwargs)
