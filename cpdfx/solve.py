@@ -169,7 +169,7 @@ def plan(gm: fx.GraphModule, groups, example_inputs, target: Target, *, importan
         try:
             chosen = _plan(aligned, budget, raw, normalised, free, groups)
         except BudgetError as err:  # no room for widths this coarse
-            error = error or err
+            error = err  # the finest's, said last
             continue
         if budget.used(chosen.counts) >= CLOSE:
             return chosen

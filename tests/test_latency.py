@@ -37,7 +37,7 @@ def test_tables_are_cached_and_estimates_follow_the_block(vgg, tmp_path, monkeyp
     wide = next(g for g in comb.prunable if ("features.2.0.weight", 0) in g.params)  # 32 channels
     assert model({wide.id: 17}) == pytest.approx(model({wide.id: 32}))  # one block of 16 costs the same
     fresh = latency.LatencyModel(gm, comb, x, batch=2, block=16, cache=False, progress=False, full_ms=1e6)
-    assert timed and fresh() == pytest.approx(1e6)  # the rest makes up the measured whole
+    assert timed and fresh() == pytest.approx(1e6)  # scaled to the measured whole
 
 
 def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
@@ -46,7 +46,7 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
     asked = []
 
     class FakeMeasured:
-        full_ms = 0.0  # no rest: the tables alone
+        full_ms = 0.0  # unknown: the tables alone
 
         def __init__(self, *args, **kwargs):
             pass
@@ -72,7 +72,7 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
 
 def test_latency_budget_that_cannot_be_met_says_so(monkeypatch):
     class Slow:
-        full_ms = 0.0  # no rest: the tables alone
+        full_ms = 0.0  # unknown: the tables alone
 
         def __init__(self, *args, **kwargs):
             pass
