@@ -13,7 +13,12 @@ from .runtime import channel_block, check_runtime
 
 
 class BudgetError(ValueError):
-    """The budget asked for cannot be met."""
+    """The budget asked for cannot be met. `reachable`, when known: the
+    smallest share of each budgeted metric the constraints allow."""
+
+    def __init__(self, message: str, reachable: dict | None = None):
+        super().__init__(message)
+        self.reachable = reachable or {}
 
 
 @dataclass(frozen=True)
@@ -183,9 +188,9 @@ class Budget:
         """How much of the budget counts use: value / limit of the tightest metric."""
         return max(v / self.limits[m] for m, v in self.values(counts).items())
 
-    def shares(self, counts: dict) -> str:
-        """The cost of counts as shares of the original, e.g. '12.0% of the macs'."""
-        return " and ".join(f"{v / self.base[m]:.1%} of the {m}" for m, v in self.values(counts).items())
+    def shares(self, counts: dict) -> dict:
+        """The cost of counts as shares of the original, per budgeted metric."""
+        return {m: v / self.base[m] for m, v in self.values(counts).items()}
 
     def __str__(self):
         return ", ".join(f"{m}={share:g}" for m, share in self.target.as_dict().items())

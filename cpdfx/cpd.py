@@ -67,7 +67,7 @@ class PruneCallback(Callback):
         its param_names stay right (elimination keeps every parameter's name)."""
         slim = self.pruner.step(optimizer)
         record = self.pruner.history[-1]
-        self.events.append({"step": step, "macs": record["macs"], "params": record["params"]})
+        self.events.append({"step": step, **{k: v for k, v in record.items() if k != "step"}})
         return slim
 
     def state_dict(self) -> dict:

@@ -47,9 +47,11 @@ def solve(budget, scores: dict, sizes: dict, rules: Constraints, fixed: dict | N
     thresholds = np.unique(np.concatenate([s for s in scores.values()] + [np.array([-np.inf])]))
     if not fits(keep_counts(scores, sizes, thresholds[-1], rules)):
         smallest = {**keep_counts(scores, sizes, thresholds[-1], rules), **fixed}
+        reachable = budget.shares(smallest)
         raise BudgetError(f"cannot reach {budget}: pruning every prunable group to its minimum "
                           f"(min_keep={rules.min_keep}, widths in multiples of {rules.round_to}) leaves "
-                          f"{budget.shares(smallest)}; ask for a larger share, or lower min_keep / round_to")
+                          f"{' and '.join(f'{v:.1%} of the {m}' for m, v in reachable.items())}; ask for a larger "
+                          f"share, or lower min_keep / round_to", reachable)
     lo, hi = 0, len(thresholds) - 1  # the highest threshold fits
     while lo < hi:
         mid = (lo + hi) // 2

@@ -52,6 +52,19 @@ def test_prune_with_data_calibrates_on_it(tmp_path):
     assert report["batch_norm_reestimated_on"] == 2 * 32  # --calibration-batches x --batch-size
 
 
+def test_compress_to_a_speedup_times_every_step(tmp_path):
+    """--speedup 1.5 is latency=2/3: both pruning steps are timed in onnxruntime
+    and the report holds what each measured (how fast is for benchmarks/)."""
+    result = run("compress", "resnet", "--data", "digits", "--speedup", "1.5", "--epochs", "2", "--prune-steps", "2",
+                 "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["target"] == {"latency": pytest.approx(2 / 3)}
+    assert [sorted(e) for e in report["pruning"]] == [["latency", "macs", "params", "step"]] * 2
+    assert report["achieved"]["latency"] == report["pruning"][-1]["latency"] and report["achieved"]["macs"] < 1
+    assert (tmp_path / "slim.onnx").exists() and "target latency 67%" in result.stdout
+
+
 def test_help_reads_well():
     result = run("--help")
     assert result.returncode == 0
@@ -69,6 +82,7 @@ def test_help_reads_well():
     (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "1.5"], "in (0, 1]"),
     (["prune", "resnet", "--input-shape", "2,3,16,16"], "give a budget"),
     (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "0.5", "--steps", "0"], "steps=0"),
+    (["prune", "resnet", "--input-shape", "2,3,16,16", "--speedup", "0.5"], "a number above 1"),
     (["compress", "resnet", "--data", "/no/such/folder", "--macs", "0.5"], "unknown dataset"),
     (["export", "missing.pt2", "--input-shape", "2,3,16,16", "--out", "x.onnx"], "no such file"),
     (["bench", "README.md"], "cannot read README.md as an ONNX model"),
