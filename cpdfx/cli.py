@@ -33,6 +33,7 @@ from .models import MODELS
 from .passes import comb
 from .pipeline import run_demo, ship
 from .prune import prune
+from .ranks import is_main
 from .report import REPORT, format_report
 from .runtime import PROVIDERS
 
@@ -321,7 +322,8 @@ def cmd_compress(args) -> None:
                       min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
                       latency_options=latency_options(args), labels=args.labels, out_dir=out / "train", resume=args.resume, batch_size=args.batch_size,
                       lr=args.lr)
-    ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}")
+    if is_main():  # under torchrun every rank holds the same slim model; one exports, times and reports it
+        ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}")
 
 
 def cmd_demo(args) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
@@ -43,6 +42,7 @@ from .losses import DistillLoss
 from .budget import Target
 from .files import write_json
 from .pruner import Pruner
+from .ranks import is_main
 from .report import REPORT, per_image
 
 REPORT_FILE = "report.json"
@@ -126,7 +126,7 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
                      dict(epochs=epochs, seed=seed, total_steps=total, task=task, loss=str(_describe_loss(
                          loss, task, labels))))
     slim.meta[REPORT] = report
-    if out_dir is not None and _is_main():
+    if out_dir is not None and is_main():  # distill has ended torchrun's process group: RANK says
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(out_dir) / REPORT_FILE, report)
     return CompressResult(slim.eval(), result.history, report)
@@ -179,6 +179,3 @@ def _report(slim, before, example_inputs, callback, at, history, teacher_scores,
                              "final_penalty": callback.penalty, "trace": callback.trace}
     return report
 
-
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

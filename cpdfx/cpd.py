@@ -5,14 +5,12 @@ learned structure (cpdfx.learned) cuts through the same callback.
 """
 from __future__ import annotations
 
-import os
-
-import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
 from .distill import Callback, check_same_run
 from .pruner import Pruner
+from .ranks import world
 
 # what a resumed run must share with the one that saved the checkpoint, beyond distill's own settings
 RESUME_KEYS = ("macs", "params", "latency", "importance", "prune_steps", "prune_share", "schedule", "round_to", "runtime", "min_keep",
@@ -38,9 +36,8 @@ def prune_points(total_steps: int, prune_share: float, prune_steps: int) -> list
 
 def total_steps(n_samples: int, batch_size: int, epochs: int) -> int:
     """Optimizer steps of a distill run: as distill counts them (drop_last, per rank)."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(
-        os.environ.get("WORLD_SIZE", "1"))
-    return (n_samples // world) // (batch_size // world) * epochs
+    n = world()
+    return (n_samples // n) // (batch_size // n) * epochs
 
 
 class PruneCallback(Callback):

@@ -631,7 +631,17 @@ class _Run:
             print(f"\ninterrupted at step {self.step}: {where}", file=sys.stderr)
         raise KeyboardInterrupt
 
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers on every rank. DDP sends them before each forward pass,
+        which then updates them (batch norm's running statistics) from the rank's
+        own batch: without this the ranks would evaluate, and end with, different
+        models."""
+        if self.ranks.world > 1:
+            for buffer in self.student.buffers():
+                dist.broadcast(buffer, 0)
+
     def _end_epoch(self) -> None:
+        self._sync_buffers()
         names = sorted(self.running)
         totals = _all_reduce(torch.stack([self.running[k] for k in names] +
                                          [torch.tensor(float(self.batch_in_epoch), device=self.device)]))
@@ -657,8 +667,14 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
     def _save(self) -> None:
-        if self.out_dir is None or not self.ranks.main:
-            return
+        """The checkpoint, written by rank 0; every rank waits until it is on
+        disk, so that none stops (on Ctrl-C) and resumes before it is there."""
+        if self.out_dir is not None and self.ranks.main:
+            self._write_checkpoint()
+        if self.ranks.world > 1:
+            dist.barrier()
+
+    def _write_checkpoint(self) -> None:
         state = {"format": CHECKPOINT_FORMAT, "config": self.config, "student": self.student.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .losses import cross_entropy, logits_of
+from .ranks import sum_over_ranks
 
 from .passes.ops import OPS, arg
 
@@ -165,11 +166,20 @@ class _GradientCriterion(Criterion):
         self.batches += 1
 
     def scores(self, gm, comb):
-        if not self.batches:
+        """The mean over the batches of every rank (under torch.distributed), so
+        that all ranks score alike whatever data each saw: the sums and batch
+        counts are added up over the ranks first (a collective: every rank
+        scores). Under DDP the gradients read were already averaged over the
+        ranks, so each rank's sums are the same and the mean does not change."""
+        groups = list(comb.prunable)
+        local = [np.asarray(self.total.get(g.id, np.zeros(g.size)), dtype=np.float64) for g in groups]
+        summed = sum_over_ranks(np.concatenate(local + [np.array([self.batches], dtype=np.float64)]))
+        batches = summed[-1]
+        if not batches:
             raise RuntimeError(f"{self.name} importance has seen no batches: pass calibration= "
                                f"data, or accumulate gradients while training")
-        return {g.id: np.abs(np.asarray(self.total.get(g.id, np.zeros(g.size)))) / self.batches
-                for g in comb.prunable}
+        totals = np.split(summed[:-1], np.cumsum([g.size for g in groups])[:-1])
+        return {g.id: np.abs(t) / batches for g, t in zip(groups, totals)}
 
 
 class Fisher(_GradientCriterion):

@@ -22,6 +22,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.nn.parallel import DistributedDataParallel
 
 from .passes import comb as comb_pass
 from .passes import eliminate, kept_indices
@@ -96,6 +97,8 @@ class Pruner:
     def accumulate(self, gm: fx.GraphModule | None = None) -> None:
         """Read the gradients of the last backward pass (gradient criteria);
         call after loss.backward() on the current graph (or its DDP module)."""
+        if isinstance(gm, DistributedDataParallel):
+            gm = gm.module  # its parameters' names are the graph's under "module."
         if self.criterion.needs_gradients:
             self.criterion.accumulate(gm if gm is not None else self.gm, self.comb)
 

@@ -39,8 +39,12 @@ def test_the_python_example_runs_as_written(tmp_path, monkeypatch, one_thread):
 
 
 def synopsis() -> list[tuple[str, list[str]]]:
-    (cli,) = [b for b in blocks("") if b.startswith("cpdfx ")]
-    lines = [line.split() for line in cli.splitlines() if line.startswith("cpdfx ")]
+    """(command, options) of every CLI line in the untagged blocks: `cpdfx ...`, and
+    `torchrun ... -m cpdfx ...` (torchrun's own options are not the CLI's)."""
+    lines = [line.split() for b in blocks("") for line in b.splitlines()
+             if line.startswith("cpdfx ") or line.startswith("torchrun ") and " -m cpdfx " in line]
+    lines = [words[words.index("cpdfx"):] for words in lines]
+    assert len(lines) > 1, "the README has no CLI synopsis"
     return [(words[1], [w.strip("[]|") for w in words if w.strip("[").startswith("--")]) for words in lines]
 
 

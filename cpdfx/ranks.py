@@ -1,0 +1,43 @@
+"""Which process of a distributed run (torchrun, an initialised process group)
+this is, and the one reduction the pruning decisions need: whatever a rank
+decides from its own data must be summed over all ranks first, so that every
+rank cuts the same channels."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> int:
+    """The number of processes: the process group's, else torchrun's WORLD_SIZE (before the group starts), else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files: rank 0 of the process group,
+    or, with none (before distill starts it, after it ends), of torchrun's RANK."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def sum_over_ranks(values: np.ndarray) -> np.ndarray:
+    """values (float64) summed over all ranks, the same result on every rank; the
+    values themselves with one process. A collective: every rank must call it."""
+    values = np.asarray(values, dtype=np.float64)
+    if not _group():
+        return values
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    t = torch.from_numpy(values.copy()).to(device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()
