@@ -32,6 +32,7 @@ from .cost import CostModel
 from .importance import group_slices, resolve
 from .budget import BudgetError, Constraints, Target
 from .latency import LatencyModel, Measured
+from .ranks import from_main, is_main
 from .report import REPORT, build_report
 from .solve import plan, score
 
@@ -86,8 +87,9 @@ class Pruner:
         self.measured = self.latency_share = None
         if latency is not None:  # the original, timed in onnxruntime: what every step's latency is a share of
             options = self.latency_options
-            self.measured = Measured(self.gm, example_inputs, batch=options.get("batch", 8),
-                                     threads=options.get("threads"), runtime=options["runtime"])
+            if is_main():  # one process times, and tells the others what it chose (see step)
+                self.measured = Measured(self.gm, example_inputs, batch=options.get("batch", 8),
+                                         threads=options.get("threads"), runtime=options["runtime"])
             self.latency_share = 1.0
 
     @property
@@ -121,11 +123,7 @@ class Pruner:
             chosen = plan(self.gm, self.comb, self.example_inputs, target, **options)
             slim = eliminate(self.gm, self.comb, chosen.keep)
         else:
-            latency_model = LatencyModel(self.gm, self.comb, self.example_inputs,
-                                         full_ms=self.measured.full_ms * self.latency_share, **self.latency_options)
-            slim, chosen, self.latency_share = to_latency(self.gm, self.comb, self.example_inputs, target, latency,
-                                                          self.measured, latency_model, options,
-                                                          rounds=3 if self.steps_done == len(self.targets) - 1 else 1)
+            slim, chosen, self.latency_share, latency_model = self._to_latency(target, latency, options)
         self.keeps.append(_plain_keep(chosen.keep))
         if optimizer is not None:
             slice_optimizer(optimizer, self.gm, slim, kept_indices(self.comb, chosen.keep))
@@ -142,6 +140,22 @@ class Pruner:
         self.criterion.reset()
         self.steps_done += 1
         return slim
+
+    def _to_latency(self, target: Target, latency: float, options: dict):
+        """One latency step (see to_latency): timed and solved by rank 0 alone
+        under torch.distributed, whose plan every rank then applies."""
+        result = latency_model = slim = None
+        if is_main():
+            latency_model = LatencyModel(self.gm, self.comb, self.example_inputs,
+                                         full_ms=self.measured.full_ms * self.latency_share, **self.latency_options)
+            last = self.steps_done == len(self.targets) - 1
+            slim, chosen, share = to_latency(self.gm, self.comb, self.example_inputs, target, latency, self.measured,
+                                             latency_model, options, rounds=3 if last else 1)
+            result = (chosen, share)
+        chosen, share = from_main(result)
+        if slim is None:  # rank 0's plan, applied here
+            slim = eliminate(self.gm, self.comb, chosen.keep)
+        return slim, chosen, share, latency_model
 
     # -- resuming: a pruned structure re-created from the keep sets of the steps done --
 

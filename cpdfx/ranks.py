@@ -30,6 +30,17 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def from_main(value):
+    """Rank 0's value on every rank (any picklable object); the value itself
+    with one process. A collective: every rank must call it. For decisions
+    that only rank 0 makes, such as those timed on the machine."""
+    if not _group():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_over_ranks(values: np.ndarray) -> np.ndarray:
     """values (float64) summed over all ranks, the same result on every rank; the
     values themselves with one process. A collective: every rank must call it."""
