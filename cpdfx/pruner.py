@@ -149,10 +149,16 @@ class Pruner:
             latency_model = LatencyModel(self.gm, self.comb, self.example_inputs,
                                          full_ms=self.measured.full_ms * self.latency_share, **self.latency_options)
             last = self.steps_done == len(self.targets) - 1
-            slim, chosen, share = to_latency(self.gm, self.comb, self.example_inputs, target, latency, self.measured,
-                                             latency_model, options, rounds=3 if last else 1)
-            result = (chosen, share)
-        chosen, share = from_main(result)
+            try:
+                slim, chosen, share = to_latency(self.gm, self.comb, self.example_inputs, target, latency,
+                                                 self.measured, latency_model, options, rounds=3 if last else 1)
+                result = (chosen, share)
+            except BudgetError as err:
+                result = err  # raised on every rank, not left waiting for a plan
+        result = from_main(result)
+        if isinstance(result, BudgetError):
+            raise result
+        chosen, share = result
         if slim is None:  # rank 0's plan, applied here
             slim = eliminate(self.gm, self.comb, chosen.keep)
         return slim, chosen, share, latency_model

@@ -151,6 +151,29 @@ def _pruner_worker(rank, port, out):
         dist.destroy_process_group()
 
 
+def _latency_worker(rank, port, out):
+    """A latency step: rank 0 alone times the model and its tables and solves;
+    rank 1 applies the plan it receives."""
+    _join(rank, port)
+    dist.init_process_group("gloo")
+    try:
+        pruner = Pruner(_teacher(), X, "l2", latency=0.6, steps=2,
+                        latency_options={"cache": False, "progress": False, "repeats": 3, "batch": 2})
+        pruner.step()  # the first of two steps: its one measured result is kept whatever it measured
+        torch.save({"keeps": pruner.keeps, "timed": pruner.measured is not None, "share": pruner.latency_share},
+                   out / f"latency{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_latency_step_is_timed_by_rank_0_and_applied_by_all(tmp_path):
+    mp.spawn(_latency_worker, args=(_free_port(), tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"latency{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["timed"] for r in ranks] == [True, False]
+    assert ranks[0]["keeps"] == ranks[1]["keeps"] and ranks[0]["keeps"][0]
+    assert ranks[0]["share"] == ranks[1]["share"]  # what rank 0 measured, on both
+
+
 def test_the_pruner_scores_alike_on_ranks_with_their_own_calibration_data(tmp_path):
     mp.spawn(_pruner_worker, args=(_free_port(), tmp_path), nprocs=2)
     ranks = [torch.load(tmp_path / f"pruner{r}.pt", weights_only=False) for r in range(2)]
