@@ -53,9 +53,9 @@ def torch_pruning(model, x, macs, round_to=None):
 def variants(model, x, block):
     """name -> function returning the pruned model."""
     return {
-        "cpdfx l2, 50% MACs": lambda: cpdfx.prune(model, x, macs=0.5),
-        f"cpdfx l2, 50% MACs, round_to={block}": lambda: cpdfx.prune(model, x, macs=0.5, round_to=block),
-        "cpdfx l2, 50% MACs + latency 0.55": lambda: cpdfx.prune(model, x, macs=0.5, latency=0.55),
+        "cpdfx l2, 50% MACs (default: aligned widths)": lambda: cpdfx.prune(model, x, macs=0.5),
+        "cpdfx l2, 50% MACs, round_to=1": lambda: cpdfx.prune(model, x, macs=0.5, round_to=1),
+        "cpdfx l2, latency=0.5 (x2)": lambda: cpdfx.prune(model, (x,), latency=0.5),
         "Torch-Pruning l2, 50% MACs": lambda: torch_pruning(model, x, 0.5),
         f"Torch-Pruning l2, 50% MACs, round_to={block}": lambda: torch_pruning(model, x, 0.5, block),
     }

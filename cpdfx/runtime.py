@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import onnxruntime as ort
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}  # runtime -> onnxruntime provider
 CUDA_BLOCK = 8
 
@@ -37,4 +39,13 @@ def channel_block(runtime: str = "cpu") -> int:
 
 
 def provider(runtime: str) -> str:
-    return PROVIDERS[check_runtime(runtime)]
+    """The onnxruntime provider that times `runtime`; refused in one line when
+    this onnxruntime lacks it (widths can still be aligned for a GPU from a
+    machine without one: only timing needs the provider)."""
+    name = PROVIDERS[check_runtime(runtime)]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise ValueError(f"runtime={runtime!r} is timed on onnxruntime's {name}, which this onnxruntime lacks "
+                         f"(it has {', '.join(available)}): install onnxruntime-gpu on a machine with a GPU, "
+                         f"or give runtime='cpu'")
+    return name

@@ -11,6 +11,7 @@ from cpdfx import passes
 from cpdfx.budget import Constraints
 from cpdfx.models import MODELS
 from cpdfx.passes.spaces import PROD, Spaces
+from cpdfx import runtime
 from cpdfx.runtime import channel_block
 
 
@@ -113,3 +114,14 @@ def test_a_head_steps_by_one_when_it_stands_for_a_whole_block():
     slim = cpdfx.prune(model, x, macs=0.6, round_to=16)
     assert all(after % 16 == 0 for _, after in _changed_widths(slim))
     assert_same_outputs(slim(x), masked_original(model, slim.meta["cpdfx_kept"])(x))
+
+
+def test_a_cuda_latency_budget_needs_the_cuda_provider(monkeypatch):
+    """Aligning for a GPU works anywhere; timing on one needs onnxruntime's
+    CUDA provider, and its absence is said in one line before any work."""
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="CUDAExecutionProvider, which this onnxruntime lacks"):
+        runtime.provider("cuda")
+    monkeypatch.setattr(runtime.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert runtime.provider("cuda") == "CUDAExecutionProvider" and runtime.channel_block("cuda") == 8
