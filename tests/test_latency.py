@@ -40,13 +40,14 @@ def test_tables_are_cached_and_estimates_follow_the_block(vgg, tmp_path, monkeyp
     assert timed and fresh() == pytest.approx(1e6)  # scaled to the measured whole
 
 
-def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
-    """The tables say one thing, onnxruntime another: the loop asks again."""
-    shares = iter([0.85, 0.71, 0.69])
-    asked = []
+def _measuring(monkeypatch, shares) -> list:
+    """onnxruntime replaced: the pruned models measure `shares` in turn (the
+    original is unknown: the tables alone). Returns the latency each plan was
+    asked for, filled as prune runs."""
+    shares, asked = iter(shares), []
 
     class FakeMeasured:
-        full_ms = 0.0  # unknown: the tables alone
+        full_ms = 0.0
 
         def __init__(self, *args, **kwargs):
             pass
@@ -62,6 +63,12 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
 
     monkeypatch.setattr(pruner, "Measured", FakeMeasured)
     monkeypatch.setattr(pruner, "plan", spy_plan)
+    return asked
+
+
+def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
+    """The tables say one thing, onnxruntime another: the loop asks again."""
+    asked = _measuring(monkeypatch, [0.85, 0.71, 0.69])
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.7,
                        latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
@@ -210,26 +217,7 @@ def test_measured_takes_a_one_tuple_and_refuses_two_inputs():
 def test_latency_in_steps_targets_each_step_from_what_was_measured(monkeypatch):
     """Step k asks for its share of the original over the share measured after
     step k-1; the report keeps what every step measured."""
-    measured = iter([0.8, 0.63])
-    asked = []
-
-    class FakeMeasured:
-        full_ms = 0.0
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def share(self, slim):
-            return next(measured)
-
-    real_plan = pruner.plan
-
-    def spy_plan(*args, **kwargs):
-        asked.append(args[3].latency)
-        return real_plan(*args, **kwargs)
-
-    monkeypatch.setattr(pruner, "Measured", FakeMeasured)
-    monkeypatch.setattr(pruner, "plan", spy_plan)
+    asked = _measuring(monkeypatch, [0.8, 0.63])
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     slim = cpdfx.prune(model, (torch.randn(2, 3, 16, 16),), latency=0.64, steps=2,
                        latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
