@@ -56,12 +56,14 @@ class Pruner:
     model_or_gm: a module (captured here) or a cpdfx GraphModule;
     importance, calibration, loss_fn, ignore, overrides, min_keep, round_to, runtime: as
         for cpdfx.prune (`rules`, a prune.Constraints, replaces the last five);
+        gradient criteria score from the batches seen through
+        `accumulate()` since the last step, or from `calibration` when none were;
     latency, latency_options: a latency budget, as for cpdfx.prune: every step
         is solved on the tables of the graph it starts from and measured in
         onnxruntime, the next step's target taken from what was measured, and
-        the last step corrected until the measured share lands on the target;
-        gradient criteria score from the batches seen through
-        `accumulate()` since the last step, or from `calibration` when none were.
+        the last step corrected until the measured share lands on the target.
+        Under torch.distributed, rank 0 alone times and solves these steps and
+        the others apply its plan.
     """
 
     def __init__(self, model_or_gm, example_inputs, importance="fisher", *, macs=None, params=None, latency=None,
