@@ -221,11 +221,11 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
     Where the tables say the target is out of reach, the smallest model they
     allow is measured all the same: they overrate what is fixed in a small
     model (every op alone pays onnxruntime's per-run overhead)."""
-    asked, best, share = target.latency, None, None
+    asked, best, share, smallest = target.latency, None, None, False
     for round_ in range(rounds):
         try:
-            chosen = _plan_within_tables(gm, comb, example_inputs, replace(target, latency=asked), latency_model,
-                                         plan_options)
+            chosen, smallest = _plan_within_tables(gm, comb, example_inputs, replace(target, latency=asked),
+                                                   latency_model, plan_options)
         except BudgetError:
             if round_ == 0:
                 raise
@@ -234,9 +234,15 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
         share = measured.share(slim)
         if rounds == 1 or share <= goal + slack and (best is None or share > best[2]):
             best = (slim, chosen, share)
-        if abs(share - goal) <= slack:
+        if abs(share - goal) <= slack or smallest and share > goal:
             break
         asked = min(1.0, asked * goal / share)
+    if best is None and smallest:
+        rules = plan_options.get("rules") or Constraints()
+        raise BudgetError(f"latency={goal:g} (x{1 / goal:.2f}) cannot be reached: the smallest model the "
+                          f"constraints allow (min_keep={rules.min_keep}, every group at its minimum width) runs at "
+                          f"{share:.0%} of the original's time in onnxruntime (x{1 / share:.2f}); ask for a larger "
+                          f"share, or lower min_keep")
     if best is None:
         raise BudgetError(f"latency={goal:g} was not reached: after {rounds} rounds the pruned model still runs "
                           f"at {share:.0%} of the original's time in onnxruntime; ask for a larger share, or add "
@@ -245,16 +251,17 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
 
 
 def _plan_within_tables(gm, comb, example_inputs, target: Target, latency_model, plan_options):
-    """plan at target, or at the smallest latency the tables allow when target is below it."""
+    """(plan at target, False), or (plan at the smallest latency the tables
+    allow, True) when target is below it."""
     try:
-        return plan(gm, comb, example_inputs, target, latency_model=latency_model, **plan_options)
+        return plan(gm, comb, example_inputs, target, latency_model=latency_model, **plan_options), False
     except BudgetError as err:
         floor = err.reachable.get("latency")
         if floor is None or floor >= 1 or any(v > getattr(target, m) for m, v in err.reachable.items()
                                               if m != "latency"):
             raise
         return plan(gm, comb, example_inputs, replace(target, latency=min(1.0, floor * (1 + 1e-9))),
-                    latency_model=latency_model, **plan_options)
+                    latency_model=latency_model, **plan_options), True
 
 
 def original_sizes(original: fx.GraphModule, gm: fx.GraphModule, comb) -> dict:

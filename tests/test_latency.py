@@ -224,3 +224,15 @@ def test_latency_in_steps_targets_each_step_from_what_was_measured(monkeypatch):
     assert asked[0] == pytest.approx(0.8) and asked[1] == pytest.approx(0.64 / 0.8)  # 0.64 ** (1/2), then relative
     report = slim.meta["cpdfx_report"]
     assert [s["latency"] for s in report["steps"]] == [0.8, 0.63] and report["achieved"]["latency"] == 0.63
+
+
+def test_a_latency_below_the_smallest_model_says_so(monkeypatch):
+    """5% measures 50%; the correction asks for 0.5%, below anything the
+    tables allow, so the smallest model they allow is measured all the same
+    (tables overrate a small model's fixed cost): still 50%, and the error
+    says that is the smallest there is."""
+    asked = _measuring(monkeypatch, [0.5, 0.5])
+    with pytest.raises(cpdfx.BudgetError, match=r"x20.00\) cannot be reached: the smallest model .* \(x2.00\)"):
+        cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.05,
+                    latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
+    assert asked[:2] == [0.05, pytest.approx(0.005)] and 0.005 < asked[2] < 0.05  # the tables' smallest
