@@ -17,7 +17,7 @@ from .cost import Cost, CostModel
 from .importance import Criterion, calibrate, normalise, resolve
 
 
-CLOSE = 0.95  # the coarsest alignment whose result uses this much of the budget is the one kept
+CLOSE = 0.02  # the coarsest alignment whose result is this close under the target (in shares) is the one kept
 
 
 def keep_counts(scores: dict, sizes: dict, threshold: float, rules: Constraints) -> dict:
@@ -173,8 +173,8 @@ def plan(gm: fx.GraphModule, groups, example_inputs, target: Target, *, importan
         except BudgetError as err:  # no room for widths this coarse
             error = err  # the finest's, said last
             continue
-        if budget.used(chosen.counts) >= CLOSE:
-            return chosen
+        if max(share - getattr(target, m) for m, share in budget.shares(chosen.counts).items()) >= -CLOSE:
+            return chosen  # the tightest metric lands within CLOSE under its target
         if best is None or budget.used(chosen.counts) > budget.used(best.counts):
             best = chosen  # too far under the budget: finer widths may land closer
     if best is None:

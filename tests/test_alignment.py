@@ -55,7 +55,7 @@ def test_a_small_model_falls_back_to_finer_widths_to_meet_the_budget():
     slim = cpdfx.prune(model, x, macs=0.3, runtime="cuda")
     report = slim.meta["cpdfx_report"]
     assert report["round_to"] < 8
-    assert 0.95 * 0.3 <= report["achieved"]["macs"] <= 0.3
+    assert 0.28 <= report["achieved"]["macs"] <= 0.3
     assert all(after % report["round_to"] == 0 for _, after in _changed_widths(slim))
 
 
