@@ -211,17 +211,19 @@ class Pruner:
 
 
 def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: Measured, latency_model,
-               plan_options: dict, rounds: int = 3, slack: float = 0.02):
+               plan_options: dict, rounds: int = 4, slack: float = 0.02):
     """Solve to `target` on the latency tables, time the result in onnxruntime
     (`measured.share`: a share of the original's latency), and solve again with
-    the target scaled by goal / measured (the tables miss what layers share:
-    caches, fused ops, the non-conv rest), up to `rounds` times; returns
+    the target corrected by what was measured (the tables miss what layers
+    share: caches, fused ops, the untabled rest): first scaled by goal /
+    measured, then along the secant of the last two (asked, measured) pairs,
+    up to `rounds` times; returns
     (slim, plan, measured share), the closest to `goal` that is not over it by
     more than `slack`. With rounds=1, the one result whatever it measured.
     Where the tables say the target is out of reach, the smallest model they
     allow is measured all the same: they overrate what is fixed in a small
     model (every op alone pays onnxruntime's per-run overhead)."""
-    asked, best, share, smallest = target.latency, None, None, False
+    asked, best, share, smallest, tried = target.latency, None, None, False, []
     for round_ in range(rounds):
         try:
             chosen, smallest = _plan_within_tables(gm, comb, example_inputs, replace(target, latency=asked),
@@ -236,7 +238,8 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
             best = (slim, chosen, share)
         if abs(share - goal) <= slack or smallest and share > goal:
             break
-        asked = min(1.0, asked * goal / share)
+        tried.append((asked, share))
+        asked = _next_ask(tried, goal)
     if best is None and smallest:
         rules = plan_options.get("rules") or Constraints()
         raise BudgetError(f"latency={goal:g} (x{1 / goal:.2f}) cannot be reached: the smallest model the "
@@ -248,6 +251,17 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
                           f"at {share:.0%} of the original's time in onnxruntime; ask for a larger share, or add "
                           f"a macs= target")
     return best
+
+
+def _next_ask(tried: list, goal: float) -> float:
+    """The latency to ask the tables for next: on the secant through the last
+    two (asked, measured) pairs when it rises, else asked scaled by goal / measured."""
+    b, t = tried[-1]
+    if len(tried) > 1:
+        a, s = tried[-2]
+        if b != a and t != s and (t - s) / (b - a) > 0:
+            return min(1.0, max(b + (goal - t) * (b - a) / (t - s), 1e-3))
+    return min(1.0, b * goal / t)
 
 
 def _plan_within_tables(gm, comb, example_inputs, target: Target, latency_model, plan_options):

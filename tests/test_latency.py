@@ -237,3 +237,15 @@ def test_a_latency_below_the_smallest_model_says_so(monkeypatch):
         cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.05,
                     latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
     assert asked[0] == 0.05 and 0.05 < asked[1] < 1 and len(asked) == 2  # refused, then the tables' smallest
+
+
+def test_the_correction_follows_the_secant_of_what_it_measured(monkeypatch):
+    """0.85 for 0.7, then 0.78 for 0.7 x 0.7 / 0.85: the third ask is where
+    the line through those two pairs meets the target, not another scaling."""
+    asked = _measuring(monkeypatch, [0.85, 0.78, 0.70])
+    slim = cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
+                       latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
+    a, b = 0.7, 0.7 * 0.7 / 0.85
+    assert asked[:2] == [a, pytest.approx(b)]
+    assert asked[2] == pytest.approx(b + (0.7 - 0.78) * (b - a) / (0.78 - 0.85))
+    assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.70
