@@ -85,7 +85,21 @@ def shrink(config, size: int):
         config.backbone_out_indices = list(range(len(config.backbone_out_indices)))
     if getattr(config, "num_labels", None) is not None:
         config.num_labels = 10
+    _restage(config)
     return config
+
+
+def _restage(config) -> None:
+    """A backbone config's stage names follow its shrunk depth (the config
+    derived them from the depth it was built with); outputs named after stages
+    that no longer exist move to as many of the last stages."""
+    if not isinstance(getattr(config, "stage_names", None), list):
+        return
+    derived = ("stage_names", "out_features", "out_indices")
+    stages = type(config)(**{k: v for k, v in config.to_dict().items() if k not in derived}).stage_names
+    wanted, config.stage_names = list(config.out_features or []), stages
+    if not set(wanted) <= set(stages):
+        config.set_output_features_output_indices(stages[max(len(stages) - len(wanted), 0):], None)
 
 
 def build(model_type: str, cls_name: str, size: int):
@@ -133,7 +147,8 @@ def sweep_one(model_type, task, cls_name, size=64, folder=None) -> dict:
         x = torch.randn(2, 3, size, size)
         stage = "run"
         with torch.no_grad():
-            model(x)
+            if not _tensors(model(x)):
+                raise ValueError("the model returns no tensors")
         stage = "capture"
         try:
             gm = cpdfx.capture(model, x)

@@ -73,6 +73,10 @@ def export_onnx(model, example_inputs, path, *, opset: int = 18, atol: float = 1
     outputs, expected = _run(gm, args, check, model)
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     names = _output_names(outputs)
+    if not names:  # the exporter writes a graph with no outputs, which onnxruntime refuses cryptically
+        raise ExportError(f"cpdfx could not export {_describe(model)} to ONNX: its output "
+                          f"({type(outputs).__name__}) holds no tensors, and an ONNX model needs one. "
+                          f"A backbone asked for outputs at stages it does not have returns none.")
     proto = _to_onnx(gm, model, inputs, names, opset, path)
     expected = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
     _check_parity(proto, dict(zip(inputs, check)), dict(zip(names, expected)), atol, rtol)

@@ -140,6 +140,24 @@ def test_static_batch_graph_exports_at_its_batch_only(tmp_path):
     assert "(3, 3, 16, 16)" in str(info.value) and os.listdir(tmp_path) == ["static.onnx"]
 
 
+class NoTensors(nn.Module):
+    """A backbone asked for features at stages it does not have: it computes, and returns none."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        features = {"stage1": self.conv(x)}
+        return tuple(features[name] for name in ("stage12",) if name in features)
+
+
+def test_a_model_that_returns_no_tensors_is_refused_in_words(tmp_path):
+    with pytest.raises(ExportError, match=r"its output \(tuple\) holds no tensors") as info:
+        export_onnx(NoTensors().eval(), torch.randn(2, 3, 8, 8), tmp_path / "none.onnx")
+    assert "\n" not in str(info.value) and os.listdir(tmp_path) == []
+
+
 class Ops(nn.Module):
     """Ops the TorchScript exporter could not take with a dynamic batch (or at all)."""
 

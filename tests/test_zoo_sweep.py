@@ -15,6 +15,7 @@ SUBSET = [("resnet", "classification", "ResNetForImageClassification"),
           ("mobilevit", "classification", "MobileViTForImageClassification"),
           ("dinov2", "classification", "Dinov2ForImageClassification"),
           ("convnext", "backbone", "ConvNextBackbone"),
+          ("vitdet", "backbone", "VitDetBackbone"),
           ("segformer", "segmentation", "SegformerForSemanticSegmentation"),
           ("dpt", "depth", "DPTForDepthEstimation"),
           ("swin2sr", "super-resolution", "Swin2SRForImageSuperResolution")]
@@ -26,6 +27,14 @@ def test_model_prunes_to_half_and_exports_with_parity(tmp_path, model_type, task
     assert "failure" not in row, row["failure"]
     assert 0.45 <= row["macs"] <= 0.5 + 1e-6
     assert row["parity"] <= 1e-3
+
+
+def test_a_shrunk_backbone_outputs_stages_it_has():
+    """A ViT backbone's stages are its layers: shrinking the depth renames them,
+    and the default output (the last stage) follows."""
+    config = zoo_sweep.shrink(zoo_sweep.configuration_auto.CONFIG_MAPPING["dinov2"](), 64)
+    assert config.stage_names == ["stem", "stage1", "stage2"] and config.out_features == ["stage2"]
+    assert config.out_indices == [2]
 
 
 def test_every_task_has_candidates():
