@@ -100,11 +100,20 @@ def eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _eval_graph(model, args) -> fx.GraphModule:
-    """An eval-mode graph of model that the caller's model does not share."""
+    """An eval-mode graph of model that the caller's model does not share, with
+    parameters that do not require grad, as at inference. torch's exporter
+    traces the graph several times, and scaled_dot_product_attention's output
+    layout follows the kernel it would pick, which refuses an attention mask
+    that requires grad (a learned position bias): with grad, the traces that see
+    parameters as such and the ones that do not disagree on the layout, and a
+    `.contiguous()` dropped as a no-op in one leaves an illegal view in the next."""
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"export_onnx takes a torch.nn.Module or a cpdfx graph; got {type(model).__name__}.")
     model = eval_copy(model)
-    return model if is_captured(model) else capture(model, args)
+    gm = model if is_captured(model) else capture(model, args)
+    for param in gm.parameters():
+        param.requires_grad_(False)
+    return gm
 
 
 def _has_dynamic_batch(gm: fx.GraphModule) -> bool:
