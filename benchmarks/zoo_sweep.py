@@ -14,6 +14,7 @@ config the generic shrinking cannot make small, is "not buildable".
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -68,6 +69,8 @@ def shrink(config, size: int):
             shrink(value, size)
         elif name in ("image_size", "img_size") and isinstance(value, int):
             setattr(config, name, size)
+        elif name == "num_groups" and isinstance(value, int):  # group norm: divides every width, 4 x 2^k
+            setattr(config, name, math.gcd(value, 4))  # (a bottleneck's is a quarter of 16 x 2^k)
         elif name == "hidden_sizes" and isinstance(value, (list, tuple)):
             setattr(config, name, [16 * 2 ** min(i, 2) for i in range(len(value))])
         elif name in PER_STAGE and isinstance(value, (list, tuple)):
@@ -92,14 +95,22 @@ def shrink(config, size: int):
 def _restage(config) -> None:
     """A backbone config's stage names follow its shrunk depth (the config
     derived them from the depth it was built with); outputs named after stages
-    that no longer exist move to as many of the last stages."""
+    that no longer exist move to as many of the last stages, and a depth of
+    layers (num_hidden_layers) grows back to one stage per output asked for."""
     if not isinstance(getattr(config, "stage_names", None), list):
         return
-    derived = ("stage_names", "out_features", "out_indices")
-    stages = type(config)(**{k: v for k, v in config.to_dict().items() if k not in derived}).stage_names
-    wanted, config.stage_names = list(config.out_features or []), stages
+    wanted = list(config.out_features or [])
+    if isinstance(getattr(config, "num_hidden_layers", None), int) and not set(wanted) <= set(_stages(config)):
+        config.num_hidden_layers = max(config.num_hidden_layers, len(wanted))
+    stages = config.stage_names = _stages(config)
     if not set(wanted) <= set(stages):
         config.set_output_features_output_indices(stages[max(len(stages) - len(wanted), 0):], None)
+
+
+def _stages(config) -> list:
+    """The stage names the config derives from its current sizes."""
+    derived = ("stage_names", "out_features", "out_indices")
+    return type(config)(**{k: v for k, v in config.to_dict().items() if k not in derived}).stage_names
 
 
 def build(model_type: str, cls_name: str, size: int):

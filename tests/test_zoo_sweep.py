@@ -37,6 +37,17 @@ def test_a_shrunk_backbone_outputs_stages_it_has():
     assert config.out_indices == [2]
 
 
+def test_a_shrunk_backbone_keeps_a_stage_per_output_asked_for():
+    """A depth head reads four stages: its ViT backbone keeps four layers."""
+    config = zoo_sweep.shrink(zoo_sweep.configuration_auto.CONFIG_MAPPING["depth_anything"](), 64).backbone_config
+    assert config.num_hidden_layers == 4 and config.out_features == ["stage1", "stage2", "stage3", "stage4"]
+
+
+def test_a_shrunk_group_norm_count_divides_the_widths():
+    config = zoo_sweep.shrink(zoo_sweep.configuration_auto.CONFIG_MAPPING["bit"](), 64)
+    assert all(w % config.num_groups == 0 for w in [*config.hidden_sizes, config.embedding_size])
+
+
 def test_every_task_has_candidates():
     tasks = {task for _, task, _ in zoo_sweep.candidates()}
     assert tasks == set(zoo_sweep.TASKS)
