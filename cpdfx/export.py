@@ -170,7 +170,8 @@ def _to_onnx(gm, model, inputs, outputs, opset, path) -> onnx.ModelProto:
             args, dynamic = _example(gm)
             program = torch.export.export(_Leaves(gm), args, dynamic_shapes=(dynamic,))
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=inputs,
-                                             output_names=outputs, verbose=False, report=False)
+                                             output_names=outputs, verbose=False, report=False, optimize=False)
+            _optimize(onnx_program.model)
             _name_batch(onnx_program)
             proto = onnx_program.model_proto
             onnx.checker.check_model(proto)
@@ -178,6 +179,16 @@ def _to_onnx(gm, model, inputs, outputs, opset, path) -> onnx.ModelProto:
     except Exception as err:  # the exporters and checker raise many kinds; all mean "no file"
         log.write("".join(traceback.format_exception(err)))
         raise ExportError(_explain(err, gm, model, opset, _write_log(log.getvalue(), path))) from None
+
+
+def _optimize(model) -> None:
+    """Fold constants and drop what nothing reads: the exact part of the
+    optimizer torch's exporter runs. Its pattern rules take `x + c` and `x - c`
+    for no-ops where c is within 1e-8 of 0 (and `x * c`, `x / c` near 1), so
+    they drop a model's `+ 1e-8` epsilon; onnxruntime does the fusions itself."""
+    import onnxscript.optimizer  # here, not at the top: `import cpdfx` need not load it
+    onnxscript.optimizer.fold_constants(model)
+    onnxscript.optimizer.remove_unused_nodes(model)
 
 
 @contextlib.contextmanager

@@ -183,6 +183,24 @@ def test_ops_the_old_exporter_refused_export_with_a_dynamic_batch(tmp_path, kind
         assert_matches(path, model, torch.randn(batch, 3, 7, 7))
 
 
+class LogEpsilon(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.log(F.relu(self.conv(x)) + 1e-8)  # log(0) where the epsilon is lost
+
+
+def test_a_tiny_epsilon_is_not_optimised_away(tmp_path):
+    """onnxscript's rules take `x + c` with |c| <= 1e-8 for `x + 0`."""
+    torch.manual_seed(0)
+    model, x = LogEpsilon().eval(), torch.randn(2, 3, 8, 8)
+    path = export_onnx(model, x, tmp_path / "eps.onnx")
+    assert_matches(path, model, torch.randn(3, 3, 8, 8))
+    assert "Add" in [n.op_type for n in onnx.load(path).graph.node]
+
+
 class BiasedAttention(nn.Module):
     """Window attention as in Swin: a learned position bias as the mask, the
     heads put back with transpose, contiguous and reshape."""
