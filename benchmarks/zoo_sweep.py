@@ -73,6 +73,7 @@ def shrink(config, size: int):
             setattr(config, name, math.gcd(value, 4))  # (a bottleneck's is a quarter of 16 x 2^k)
         elif name == "hidden_sizes" and isinstance(value, (list, tuple)):
             setattr(config, name, [16 * 2 ** min(i, 2) for i in range(len(value))])
+            _follow_widths(config, value, config.hidden_sizes)
         elif name in PER_STAGE and isinstance(value, (list, tuple)):
             setattr(config, name, [PER_STAGE[name]] * len(value))
         elif name in SMALL and isinstance(value, int) and SMALL[name] is not None:
@@ -86,10 +87,33 @@ def shrink(config, size: int):
     if isinstance(getattr(config, "backbone_out_indices", None), (list, tuple)):  # DPT reads these layers
         config.num_hidden_layers = len(config.backbone_out_indices)
         config.backbone_out_indices = list(range(len(config.backbone_out_indices)))
+    if all(isinstance(getattr(config, k, None), t) for k, t in (("window_size", int), ("patch_size", int),
+                                                                 ("depths", list))):
+        # a hierarchical window transformer halves its map at each stage after the first; a window
+        # larger than the smallest map is cut to the map at run time, away from its position bias
+        # (one that keeps its map, as Swin2SR, gets a smaller window than it needs, which still fits)
+        smallest = size // config.patch_size // 2 ** (len(config.depths) - 1)
+        config.window_size = max(1, min(config.window_size, smallest))
     if getattr(config, "num_labels", None) is not None:
         config.num_labels = 10
     _restage(config)
     return config
+
+
+def _follow_widths(config, old, new) -> None:
+    """Per-stage channel lists beside hidden_sizes (stage_out_channels, a
+    stem's out channels) that held its widths hold the shrunk ones: a width
+    keeps the new value of its first stage."""
+    widths = {}
+    for a, b in zip(old, new):
+        widths.setdefault(a, b)
+    for name, value in list(vars(config).items()):
+        if "channels" not in name or name == "num_channels":
+            continue
+        if isinstance(value, int):
+            setattr(config, name, widths.get(value, value))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            setattr(config, name, type(value)(widths.get(v, v) for v in value))
 
 
 def _restage(config) -> None:

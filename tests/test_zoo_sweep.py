@@ -48,6 +48,19 @@ def test_a_shrunk_group_norm_count_divides_the_widths():
     assert all(w % config.num_groups == 0 for w in [*config.hidden_sizes, config.embedding_size])
 
 
+def test_shrunk_stage_channels_follow_the_shrunk_widths():
+    """HGNetV2 builds its stages from stage_*_channels, its head from hidden_sizes."""
+    config = zoo_sweep.shrink(zoo_sweep.configuration_auto.CONFIG_MAPPING["hgnet_v2"](), 64)
+    out, into = config.stage_out_channels, config.stage_in_channels
+    assert out[-1] == config.hidden_sizes[-1] and list(into[1:]) == list(out[:-1])
+
+
+@pytest.mark.parametrize("model_type", ["swin", "donut-swin", "swinv2"])
+def test_a_shrunk_window_fits_the_smallest_feature_map(model_type):
+    """Swin's maps at 64 x 64 (patch 4, four stages) are 16, 8, 4 and 2 wide."""
+    assert zoo_sweep.shrink(zoo_sweep.configuration_auto.CONFIG_MAPPING[model_type](), 64).window_size == 2
+
+
 def test_every_task_has_candidates():
     tasks = {task for _, task, _ in zoo_sweep.candidates()}
     assert tasks == set(zoo_sweep.TASKS)
