@@ -14,6 +14,7 @@ config the generic shrinking cannot make small, is "not buildable".
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -68,8 +69,11 @@ def shrink(config, size: int):
             shrink(value, size)
         elif name in ("image_size", "img_size") and isinstance(value, int):
             setattr(config, name, size)
+        elif name == "num_groups" and isinstance(value, int):  # group norm: divides every width, 4 x 2^k
+            setattr(config, name, math.gcd(value, 4))  # (a bottleneck's is a quarter of 16 x 2^k)
         elif name == "hidden_sizes" and isinstance(value, (list, tuple)):
             setattr(config, name, [16 * 2 ** min(i, 2) for i in range(len(value))])
+            _follow_widths(config, value, config.hidden_sizes)
         elif name in PER_STAGE and isinstance(value, (list, tuple)):
             setattr(config, name, [PER_STAGE[name]] * len(value))
         elif name in SMALL and isinstance(value, int) and SMALL[name] is not None:
@@ -83,9 +87,54 @@ def shrink(config, size: int):
     if isinstance(getattr(config, "backbone_out_indices", None), (list, tuple)):  # DPT reads these layers
         config.num_hidden_layers = len(config.backbone_out_indices)
         config.backbone_out_indices = list(range(len(config.backbone_out_indices)))
+    if all(isinstance(getattr(config, k, None), t) for k, t in (("window_size", int), ("patch_size", int),
+                                                                 ("depths", list))):
+        # a hierarchical window transformer halves its map at each stage after the first; a window
+        # larger than the smallest map is cut to the map at run time, away from its position bias
+        # (one that keeps its map, as Swin2SR, gets a smaller window than it needs, which still fits)
+        smallest = size // config.patch_size // 2 ** (len(config.depths) - 1)
+        config.window_size = max(1, min(config.window_size, smallest))
     if getattr(config, "num_labels", None) is not None:
         config.num_labels = 10
+    _restage(config)
     return config
+
+
+def _follow_widths(config, old, new) -> None:
+    """Per-stage channel lists beside hidden_sizes (stage_out_channels, a
+    stem's out channels) that held its widths hold the shrunk ones: a width
+    keeps the new value of its first stage."""
+    widths = {}
+    for a, b in zip(old, new):
+        widths.setdefault(a, b)
+    for name, value in list(vars(config).items()):
+        if "channels" not in name or name == "num_channels":
+            continue
+        if isinstance(value, int):
+            setattr(config, name, widths.get(value, value))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            setattr(config, name, type(value)(widths.get(v, v) for v in value))
+
+
+def _restage(config) -> None:
+    """A backbone config's stage names follow its shrunk depth (the config
+    derived them from the depth it was built with); outputs named after stages
+    that no longer exist move to as many of the last stages, and a depth of
+    layers (num_hidden_layers) grows back to one stage per output asked for."""
+    if not isinstance(getattr(config, "stage_names", None), list):
+        return
+    wanted = list(config.out_features or [])
+    if isinstance(getattr(config, "num_hidden_layers", None), int) and not set(wanted) <= set(_stages(config)):
+        config.num_hidden_layers = max(config.num_hidden_layers, len(wanted))
+    stages = config.stage_names = _stages(config)
+    if not set(wanted) <= set(stages):
+        config.set_output_features_output_indices(stages[max(len(stages) - len(wanted), 0):], None)
+
+
+def _stages(config) -> list:
+    """The stage names the config derives from its current sizes."""
+    derived = ("stage_names", "out_features", "out_indices")
+    return type(config)(**{k: v for k, v in config.to_dict().items() if k not in derived}).stage_names
 
 
 def build(model_type: str, cls_name: str, size: int):
@@ -133,7 +182,8 @@ def sweep_one(model_type, task, cls_name, size=64, folder=None) -> dict:
         x = torch.randn(2, 3, size, size)
         stage = "run"
         with torch.no_grad():
-            model(x)
+            if not _tensors(model(x)):
+                raise ValueError("the model returns no tensors")
         stage = "capture"
         try:
             gm = cpdfx.capture(model, x)

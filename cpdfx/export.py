@@ -73,6 +73,10 @@ def export_onnx(model, example_inputs, path, *, opset: int = 18, atol: float = 1
     outputs, expected = _run(gm, args, check, model)
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     names = _output_names(outputs)
+    if not names:  # the exporter writes a graph with no outputs, which onnxruntime refuses cryptically
+        raise ExportError(f"cpdfx could not export {_describe(model)} to ONNX: its output "
+                          f"({type(outputs).__name__}) holds no tensors, and an ONNX model needs one. "
+                          f"A backbone asked for outputs at stages it does not have returns none.")
     proto = _to_onnx(gm, model, inputs, names, opset, path)
     expected = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
     _check_parity(proto, dict(zip(inputs, check)), dict(zip(names, expected)), atol, rtol)
@@ -96,11 +100,20 @@ def eval_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _eval_graph(model, args) -> fx.GraphModule:
-    """An eval-mode graph of model that the caller's model does not share."""
+    """An eval-mode graph of model that the caller's model does not share, with
+    parameters that do not require grad, as at inference. torch's exporter
+    traces the graph several times, and scaled_dot_product_attention's output
+    layout follows the kernel it would pick, which refuses an attention mask
+    that requires grad (a learned position bias): with grad, the traces that see
+    parameters as such and the ones that do not disagree on the layout, and a
+    `.contiguous()` dropped as a no-op in one leaves an illegal view in the next."""
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"export_onnx takes a torch.nn.Module or a cpdfx graph; got {type(model).__name__}.")
     model = eval_copy(model)
-    return model if is_captured(model) else capture(model, args)
+    gm = model if is_captured(model) else capture(model, args)
+    for param in gm.parameters():
+        param.requires_grad_(False)
+    return gm
 
 
 def _has_dynamic_batch(gm: fx.GraphModule) -> bool:
@@ -157,7 +170,8 @@ def _to_onnx(gm, model, inputs, outputs, opset, path) -> onnx.ModelProto:
             args, dynamic = _example(gm)
             program = torch.export.export(_Leaves(gm), args, dynamic_shapes=(dynamic,))
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=inputs,
-                                             output_names=outputs, verbose=False, report=False)
+                                             output_names=outputs, verbose=False, report=False, optimize=False)
+            _optimize(onnx_program.model)
             _name_batch(onnx_program)
             proto = onnx_program.model_proto
             onnx.checker.check_model(proto)
@@ -165,6 +179,16 @@ def _to_onnx(gm, model, inputs, outputs, opset, path) -> onnx.ModelProto:
     except Exception as err:  # the exporters and checker raise many kinds; all mean "no file"
         log.write("".join(traceback.format_exception(err)))
         raise ExportError(_explain(err, gm, model, opset, _write_log(log.getvalue(), path))) from None
+
+
+def _optimize(model) -> None:
+    """Fold constants and drop what nothing reads: the exact part of the
+    optimizer torch's exporter runs. Its pattern rules take `x + c` and `x - c`
+    for no-ops where c is within 1e-8 of 0 (and `x * c`, `x / c` near 1), so
+    they drop a model's `+ 1e-8` epsilon; onnxruntime does the fusions itself."""
+    import onnxscript.optimizer  # here, not at the top: `import cpdfx` need not load it
+    onnxscript.optimizer.fold_constants(model)
+    onnxscript.optimizer.remove_unused_nodes(model)
 
 
 @contextlib.contextmanager

@@ -140,6 +140,24 @@ def test_static_batch_graph_exports_at_its_batch_only(tmp_path):
     assert "(3, 3, 16, 16)" in str(info.value) and os.listdir(tmp_path) == ["static.onnx"]
 
 
+class NoTensors(nn.Module):
+    """A backbone asked for features at stages it does not have: it computes, and returns none."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        features = {"stage1": self.conv(x)}
+        return tuple(features[name] for name in ("stage12",) if name in features)
+
+
+def test_a_model_that_returns_no_tensors_is_refused_in_words(tmp_path):
+    with pytest.raises(ExportError, match=r"its output \(tuple\) holds no tensors") as info:
+        export_onnx(NoTensors().eval(), torch.randn(2, 3, 8, 8), tmp_path / "none.onnx")
+    assert "\n" not in str(info.value) and os.listdir(tmp_path) == []
+
+
 class Ops(nn.Module):
     """Ops the TorchScript exporter could not take with a dynamic batch (or at all)."""
 
@@ -163,6 +181,57 @@ def test_ops_the_old_exporter_refused_export_with_a_dynamic_batch(tmp_path, kind
     path = export_onnx(model, torch.randn(2, 3, 7, 7), tmp_path / "m.onnx")
     for batch in (1, 4):
         assert_matches(path, model, torch.randn(batch, 3, 7, 7))
+
+
+class LogEpsilon(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.log(F.relu(self.conv(x)) + 1e-8)  # log(0) where the epsilon is lost
+
+
+def test_a_tiny_epsilon_is_not_optimised_away(tmp_path):
+    """onnxscript's rules take `x + c` with |c| <= 1e-8 for `x + 0`."""
+    torch.manual_seed(0)
+    model, x = LogEpsilon().eval(), torch.randn(2, 3, 8, 8)
+    path = export_onnx(model, x, tmp_path / "eps.onnx")
+    assert_matches(path, model, torch.randn(3, 3, 8, 8))
+    assert "Add" in [n.op_type for n in onnx.load(path).graph.node]
+
+
+class BiasedAttention(nn.Module):
+    """Window attention as in Swin: a learned position bias as the mask, the
+    heads put back with transpose, contiguous and reshape."""
+
+    def __init__(self, dim=32, heads=2, tokens=9):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        split = lambda t: t.view(*x.shape[:-1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                           attn_mask=self.bias.unsqueeze(0))
+        return self.o(y.transpose(1, 2).contiguous().reshape(*x.shape[:-1], -1))
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["whole", "pruned"])
+def test_attention_with_a_learned_bias_exports(tmp_path, pruned):
+    """The mask requires grad, which decides sdpa's kernel and output layout
+    in some of the exporter's traces and not in others, where the kernel could
+    be the fused one: q/k and v head dims equal, whole or pruned alike."""
+    torch.manual_seed(0)
+    model, x = BiasedAttention().eval(), torch.randn(2, 9, 32)
+    if pruned:
+        gm = cpdfx.capture(model, x)
+        comb = passes.comb(gm)
+        model = passes.eliminate(gm, comb, {g.id: range(12) for g in comb.prunable if g.size == 16})
+    path = export_onnx(model, x, tmp_path / "attention.onnx")
+    assert_matches(path, model, torch.randn(3, 9, 32))
+    assert all(p.requires_grad for p in model.parameters())  # the caller's model is not changed
 
 
 @pytest.fixture(scope="module")
