@@ -65,8 +65,8 @@ class Constraints:
         size), in the layers' channel dims: a group whose element stands for
         several channels (a head of 64) steps by fewer elements. None (the
         default) aligns to the channel block of `runtime` (runtime.py), and
-        where a budget cannot be reached so, to half of it, and so on down to
-        single channels (`alignments`);
+        where the budget cannot be met within 2 points so, to half of it, and
+        so on down to single channels (`alignments`, solve.plan);
     runtime: "cpu" or "cuda", the onnxruntime provider the model ships to;
     steps: {group id: count step}, set by `alignments` (round_to when absent);
     original_sizes: {group id: the group's size in the unpruned model}, for a
@@ -108,8 +108,9 @@ class Constraints:
     def alignments(self, comb) -> list[Constraints]:
         """The constraints to solve with, in order, each with its per-group
         steps: round_to's alone; or, when it is None, the runtime's channel
-        block, then half of it, down to 1 (the first that reaches the budget
-        is the one to use: a small model may have no room for whole blocks)."""
+        block, then half of it, down to 1. solve.plan keeps the first whose
+        result lands close under the budget: a small model may have no room
+        for whole blocks."""
         if self.round_to is not None:
             widths = [self.round_to]
         else:
