@@ -253,15 +253,18 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
     return best
 
 
-def _next_ask(tried: list, goal: float) -> float:
+def _next_ask(tried: list, goal: float, slack: float = 0.02) -> float:
     """The latency to ask the tables for next: on the secant through the last
-    two (asked, measured) pairs when it rises, else asked scaled by goal / measured."""
+    two (asked, measured) pairs when it rises and they measured far enough
+    apart for its slope to be more than noise (and no lower than half what
+    scaling alone asks); else asked scaled by goal / measured."""
     b, t = tried[-1]
+    scaled = b * goal / t
     if len(tried) > 1:
         a, s = tried[-2]
-        if b != a and t != s and (t - s) / (b - a) > 0:
-            return min(1.0, max(b + (goal - t) * (b - a) / (t - s), 1e-3))
-    return min(1.0, b * goal / t)
+        if b != a and abs(t - s) > slack and (t - s) / (b - a) > 0:
+            return min(1.0, max(b + (goal - t) * (b - a) / (t - s), scaled / 2))
+    return min(1.0, scaled)
 
 
 def _plan_within_tables(gm, comb, example_inputs, target: Target, latency_model, plan_options):
