@@ -7,6 +7,10 @@ import sys
 import onnx
 import pytest
 
+import cpdfx.latency as latency
+import cpdfx.pruner as pruner
+from cpdfx.cli import main
+
 HERE = os.path.dirname(__file__)
 
 
@@ -52,17 +56,31 @@ def test_prune_with_data_calibrates_on_it(tmp_path):
     assert report["batch_norm_reestimated_on"] == 2 * 32  # --calibration-batches x --batch-size
 
 
-def test_compress_to_a_speedup_times_every_step(tmp_path):
-    """--speedup 1.5 is latency=2/3: both pruning steps are timed in onnxruntime
-    and the report holds what each measured (how fast is for benchmarks/)."""
-    result = run("compress", "resnet", "--data", "digits", "--speedup", "1.5", "--epochs", "2", "--prune-steps", "2",
-                 "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_compress_to_a_speedup_times_every_step(tmp_path, monkeypatch):
+    """--speedup 1.5 is latency=2/3: both pruning steps are solved on the tables
+    and measured, and the report holds what each measured. In-process, with
+    onnxruntime's timings replaced (how fast is for benchmarks/): the tables
+    cost a layer its input width, and the pruned models measure 0.8, then 0.66."""
+    shares = iter([0.8, 0.66])
+
+    class Measured:
+        full_ms = 1.0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def share(self, slim):
+            return next(shares)
+
+    monkeypatch.setattr(pruner, "Measured", Measured)
+    monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, spread=False, **k: (
+        (float(shape[1]), 0.0) if spread else float(shape[1])))
+    assert main(["compress", "resnet", "--data", "digits", "--speedup", "1.5", "--epochs", "2",
+                 "--prune-steps", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["target"] == {"latency": pytest.approx(2 / 3)}
-    assert [sorted(e) for e in report["pruning"]] == [["latency", "macs", "params", "step"]] * 2
-    assert report["achieved"]["latency"] == report["pruning"][-1]["latency"] and report["achieved"]["macs"] < 1
-    assert (tmp_path / "slim.onnx").exists() and "target latency 67%" in result.stdout
+    assert [e["latency"] for e in report["pruning"]] == [0.8, 0.66] and report["achieved"]["latency"] == 0.66
+    assert report["achieved"]["macs"] < 1 and (tmp_path / "slim.onnx").exists()
 
 
 def test_help_reads_well():
