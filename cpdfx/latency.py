@@ -200,10 +200,12 @@ def _interpolate(grid, table, point) -> float:
 
 
 def _reference_ms(time_point) -> float:
-    """The time of a fixed mid-sized conv (median of three timings), the
-    yardstick of the machine's speed before and after the tables."""
-    model, shape = _conv_onnx(1, 64, 64, 1, (3, 3), [1, 1], [1, 1], [1, 1], (28, 28))
-    return float(np.median([time_point(model, shape)[0] for _ in range(3)]))
+    """The time of a fixed mid-sized conv (about a millisecond; the median of
+    five timings after one thrown away, since the first run of a process finds
+    the caches and the thread pool cold), the yardstick of the machine's speed
+    before and after the tables."""
+    model, shape = _conv_onnx(1, 64, 64, 1, (3, 3), [1, 1], [1, 1], [1, 1], (56, 56))
+    return float(np.median([time_point(model, shape)[0] for _ in range(6)][1:]))
 
 
 def _conv_layer(node, comb, batch) -> Layer | None:

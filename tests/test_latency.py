@@ -26,7 +26,7 @@ def test_tables_are_cached_and_estimates_follow_the_block(vgg, tmp_path, monkeyp
     gm, comb, x = vgg
     times = iter(range(1, 10 ** 6))  # every point a new time, no spread: a quiet machine
     monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, **k: (
-        1.0 if tuple(shape) == (1, 64, 28, 28) else float(next(times)), 0.0))
+        1.0 if tuple(shape) == (1, 64, 56, 56) else float(next(times)), 0.0))
     model = latency.LatencyModel(gm, comb, x, batch=2, block=16, repeats=2, cache=tmp_path, progress=False)
     assert len(model.layers) == 5  # three convs and two linear layers
     assert model() > 0
@@ -96,15 +96,15 @@ def test_latency_budget_that_cannot_be_met_says_so(monkeypatch):
 # -- tables that are quick and robust ----------------------------------------------------
 
 def _fake_timer(monkeypatch, spread=0.0, reference=(1.0, 1.0)):
-    """time_onnx replaced: the reference conv (1x64x28x28) takes reference[0]
+    """time_onnx replaced: the reference conv (1x64x56x56) takes reference[0]
     before the tables and reference[1] after; every table point 1 ms with the
     given spread. Returns the list of timed shapes (reference excluded)."""
     timed, refs = [], []
 
     def fake(model, shape, threads=None, repeats=7, provider=None, spread_=None, **kwargs):
-        if tuple(shape) == (1, 64, 28, 28):
+        if tuple(shape) == (1, 64, 56, 56):
             refs.append(shape)
-            return reference[0] if len(refs) <= 3 else reference[1], 0.0
+            return reference[0] if len(refs) <= 6 else reference[1], 0.0
         timed.append(tuple(shape))
         return 1.0, spread
 
