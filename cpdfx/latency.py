@@ -154,6 +154,7 @@ class LatencyModel:
             return
         time_point = lambda model, shape: time_onnx(model, shape, self.threads, repeats=self.repeats,
                                                     provider=self.provider, spread=True)
+        _reference_ms(time_point)  # onnxruntime's first sessions in a process run slow: warm it up
         before = _reference_ms(time_point)
         bar = tqdm(todo.items(), desc="latency tables", unit="point", disable=not progress)
         for (key, point), layer in bar:
