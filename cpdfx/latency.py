@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .passes.ops import OPS, arg, transposed
 
-from .bench import _machine, bench
+from .bench import _machine, bench, session_options
 from .capture import as_tuple
 from .cost import batch_values, concrete, mac_terms_by_node
 from .export import export_onnx
@@ -270,10 +270,7 @@ def time_onnx(model: bytes, shape, threads=None, warmup: int = 2, repeats: int =
               provider: str = "CPUExecutionProvider", spread: bool = False):
     """Median milliseconds of one onnxruntime run of model on random input;
     with spread=True, (median, interquartile range / median) of the runs."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model, options, providers=[provider])
+    session = ort.InferenceSession(model, session_options(threads), providers=[provider])
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
     for _ in range(warmup):
         session.run(None, feed)
@@ -295,7 +292,7 @@ class _Cache:
     def __init__(self, folder, block, threads, provider_name):
         machine = _machine([provider_name], threads)
         device = machine["cuda"] if provider_name == "CUDAExecutionProvider" else machine["cpu"]
-        ident = json.dumps([device, machine["cores"], threads, block, provider_name, ort.__version__, 2])
+        ident = json.dumps([device, machine["cores"], threads, block, provider_name, ort.__version__, 3])
         self.path = None
         if folder is not False:
             folder = Path(folder or cache_dir())
