@@ -268,15 +268,19 @@ def _next_ask(tried: list, goal: float, slack: float = 0.02) -> float:
 
 
 def _plan_within_tables(gm, comb, example_inputs, target: Target, latency_model, plan_options):
-    """(plan at target, False), or (plan at the smallest latency the tables
-    allow, True) when target is below it."""
+    """(plan at target, False); or (plan at the smallest latency the tables
+    allow, True) when target is below it; or, when the tables see no time to
+    save at all (every layer at or under one channel block), (plan at the same
+    share of the MACs, False), for the measurement to judge."""
     try:
         return plan(gm, comb, example_inputs, target, latency_model=latency_model, **plan_options), False
     except BudgetError as err:
         floor = err.reachable.get("latency")
-        if floor is None or floor >= 1 or any(v > getattr(target, m) for m, v in err.reachable.items()
-                                              if m != "latency"):
+        if floor is None or any(v > getattr(target, m) for m, v in err.reachable.items() if m != "latency"):
             raise
+        if floor >= 1:
+            macs = min(target.latency, target.macs or 1.0)
+            return plan(gm, comb, example_inputs, Target(macs, target.params), **plan_options), False
         return plan(gm, comb, example_inputs, replace(target, latency=min(1.0, floor * (1 + 1e-9))),
                     latency_model=latency_model, **plan_options), True
 

@@ -249,3 +249,16 @@ def test_the_correction_follows_the_secant_of_what_it_measured(monkeypatch):
     assert asked[:2] == [a, pytest.approx(b)]
     assert asked[2] == pytest.approx(b + (0.7 - 0.78) * (b - a) / (0.78 - 0.85))
     assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.70
+
+
+def test_tables_that_see_no_time_to_save_fall_back_to_the_macs(monkeypatch):
+    """Every table point costs the same (layers at or under one block): the
+    step is solved at the same share of the MACs and the measurement judges."""
+    asked = _measuring(monkeypatch, [0.7])
+    monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, spread=False, **k: (1.0, 0.0) if spread else 1.0)
+    model = MODELS["resnet"](widths=(32, 64, 128)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    slim = cpdfx.prune(model, x, latency=0.7, latency_options={"cache": False, "progress": False, "block": 8})
+    assert asked == [0.7, None]  # refused on the tables, then planned on the MACs
+    assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.7
+    assert 0.68 <= cpdfx.cost(slim, x).macs / cpdfx.cost(model, x).macs <= 0.7
