@@ -37,6 +37,7 @@ from .report import REPORT, build_report
 from .solve import plan, score
 
 SCHEDULES = ("geometric", "linear")
+ROUNDS = 4  # solve-and-measure rounds of a latency budget's last step (see to_latency)
 
 
 def schedule(target: float, steps: int, kind: str = "geometric") -> list[float]:
@@ -153,7 +154,7 @@ class Pruner:
             last = self.steps_done == len(self.targets) - 1
             try:
                 slim, chosen, share = to_latency(self.gm, self.comb, self.example_inputs, target, latency,
-                                                 self.measured, latency_model, options, rounds=3 if last else 1)
+                                                 self.measured, latency_model, options, rounds=ROUNDS if last else 1)
                 result = (chosen, share)
             except BudgetError as err:
                 result = err  # raised on every rank, not left waiting for a plan
@@ -211,7 +212,7 @@ class Pruner:
 
 
 def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: Measured, latency_model,
-               plan_options: dict, rounds: int = 4, slack: float = 0.02):
+               plan_options: dict, rounds: int = ROUNDS, slack: float = 0.02):
     """Solve to `target` on the latency tables, time the result in onnxruntime
     (`measured.share`: a share of the original's latency), and solve again with
     the target corrected by what was measured (the tables miss what layers
