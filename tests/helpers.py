@@ -1,4 +1,5 @@
-"""Shared test helpers: the mask-equivalence oracle and random keep sets."""
+"""Shared test helpers: the mask-equivalence oracle, random keep sets, and
+onnxruntime's timings replaced for the latency budget's mechanism."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +8,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
+
+import cpdfx.latency as latency
+import cpdfx.pruner as pruner
 
 
 def input_dim(module: nn.Module) -> int | None:
@@ -64,3 +68,38 @@ def assert_vgg_trains(gm, x) -> int:
     torch.manual_seed(2)
     assert not torch.allclose(a, gm(x))  # dropout is on
     return before
+
+
+def width_timer(model, shape, *args, spread=False, **kwargs):
+    """A stand-in for latency.time_onnx: a layer costs its input width
+    (shape[1]) in ms, with no spread between runs."""
+    ms = float(shape[1])
+    return (ms, 0.0) if spread else ms
+
+
+def fake_onnxruntime(monkeypatch, shares) -> list:
+    """onnxruntime replaced: the tables cost a layer its input width, and the
+    pruned models measure `shares` in turn (the original is unknown: the
+    tables alone). Returns the latency each plan was asked for, filled as
+    pruning runs."""
+    shares, asked = iter(shares), []
+    monkeypatch.setattr(latency, "time_onnx", width_timer)
+
+    class FakeMeasured:
+        full_ms = 0.0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def share(self, slim):
+            return next(shares)
+
+    real_plan = pruner.plan
+
+    def spy_plan(*args, **kwargs):
+        asked.append(args[3].latency)  # plan(gm, groups, example_inputs, target, ...)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(pruner, "Measured", FakeMeasured)
+    monkeypatch.setattr(pruner, "plan", spy_plan)
+    return asked

@@ -7,8 +7,8 @@ import sys
 import onnx
 import pytest
 
-import cpdfx.latency as latency
-import cpdfx.pruner as pruner
+from helpers import fake_onnxruntime
+
 from cpdfx.cli import main
 
 HERE = os.path.dirname(__file__)
@@ -61,20 +61,7 @@ def test_compress_to_a_speedup_times_every_step(tmp_path, monkeypatch):
     and measured, and the report holds what each measured. In-process, with
     onnxruntime's timings replaced (how fast is for benchmarks/): the tables
     cost a layer its input width, and the pruned models measure 0.8, then 0.66."""
-    shares = iter([0.8, 0.66])
-
-    class Measured:
-        full_ms = 1.0
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def share(self, slim):
-            return next(shares)
-
-    monkeypatch.setattr(pruner, "Measured", Measured)
-    monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, spread=False, **k: (
-        (float(shape[1]), 0.0) if spread else float(shape[1])))
+    fake_onnxruntime(monkeypatch, [0.8, 0.66])
     assert main(["compress", "resnet", "--data", "digits", "--speedup", "1.5", "--epochs", "2",
                  "--prune-steps", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

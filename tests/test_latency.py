@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import fake_onnxruntime
 
 import cpdfx
 import cpdfx.latency as latency
-import cpdfx.pruner as pruner
 from cpdfx import passes
 from cpdfx.budget import Constraints, Target
 from cpdfx.models import MODELS
@@ -40,38 +40,9 @@ def test_tables_are_cached_and_estimates_follow_the_block(vgg, tmp_path, monkeyp
     assert timed and fresh() == pytest.approx(1e6)  # scaled to the measured whole
 
 
-def _measuring(monkeypatch, shares) -> list:
-    """onnxruntime replaced: the tables cost a layer its input width, and the
-    pruned models measure `shares` in turn (the original is unknown: the
-    tables alone). Returns the latency each plan was asked for, filled as
-    prune runs."""
-    shares, asked = iter(shares), []
-    monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, spread=False, **k: (
-        (float(shape[1]), 0.0) if spread else float(shape[1])))
-
-    class FakeMeasured:
-        full_ms = 0.0
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def share(self, slim):
-            return next(shares)
-
-    real_plan = pruner.plan
-
-    def spy_plan(*args, **kwargs):
-        asked.append(args[3].latency)  # plan(gm, groups, example_inputs, target, ...)
-        return real_plan(*args, **kwargs)
-
-    monkeypatch.setattr(pruner, "Measured", FakeMeasured)
-    monkeypatch.setattr(pruner, "plan", spy_plan)
-    return asked
-
-
 def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
     """The tables say one thing, onnxruntime another: the loop asks again."""
-    asked = _measuring(monkeypatch, [0.85, 0.71, 0.69])
+    asked = fake_onnxruntime(monkeypatch, [0.85, 0.71, 0.69])
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.7,
                        latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
@@ -85,7 +56,7 @@ def test_latency_budget_that_cannot_be_met_says_so(monkeypatch):
     up with a BudgetError that says what it measured. The tables are made
     deterministic (a layer costs its input width), so the path does not hang
     on this machine's timings."""
-    _measuring(monkeypatch, [0.95] * 10)
+    fake_onnxruntime(monkeypatch, [0.95] * 10)
     with pytest.raises(cpdfx.BudgetError, match="latency=0.7 was not reached: after 4 rounds .* at 95%"):
         cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
                     latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
@@ -215,7 +186,7 @@ def test_measured_takes_a_one_tuple_and_refuses_two_inputs():
 def test_latency_in_steps_targets_each_step_from_what_was_measured(monkeypatch):
     """Step k asks for its share of the original over the share measured after
     step k-1; the report keeps what every step measured."""
-    asked = _measuring(monkeypatch, [0.8, 0.63])
+    asked = fake_onnxruntime(monkeypatch, [0.8, 0.63])
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     slim = cpdfx.prune(model, (torch.randn(2, 3, 16, 16),), latency=0.64, steps=2,
                        latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
@@ -225,11 +196,11 @@ def test_latency_in_steps_targets_each_step_from_what_was_measured(monkeypatch):
 
 
 def test_a_latency_below_the_smallest_model_says_so(monkeypatch):
-    """The tables (_measuring's: a layer's time is its input width) cannot reach 5%:
+    """The tables (fake_onnxruntime's: a layer's time is its input width) cannot reach 5%:
     the smallest model they allow is measured all the same (tables overrate
     a small model's fixed cost); it measures 50%, and the error says that is
     the smallest there is."""
-    asked = _measuring(monkeypatch, [0.5])
+    asked = fake_onnxruntime(monkeypatch, [0.5])
     with pytest.raises(cpdfx.BudgetError, match=r"x20.00\) cannot be reached: the smallest model .* \(x2.00\)"):
         cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.05,
                     latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
@@ -239,7 +210,7 @@ def test_a_latency_below_the_smallest_model_says_so(monkeypatch):
 def test_the_correction_follows_the_secant_of_what_it_measured(monkeypatch):
     """0.85 for 0.7, then 0.78 for 0.7 x 0.7 / 0.85: the third ask is where
     the line through those two pairs meets the target, not another scaling."""
-    asked = _measuring(monkeypatch, [0.85, 0.78, 0.70])
+    asked = fake_onnxruntime(monkeypatch, [0.85, 0.78, 0.70])
     slim = cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
                        latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
     a, b = 0.7, 0.7 * 0.7 / 0.85
@@ -251,7 +222,7 @@ def test_the_correction_follows_the_secant_of_what_it_measured(monkeypatch):
 def test_tables_that_see_no_time_to_save_fall_back_to_the_macs(monkeypatch):
     """Every table point costs the same (layers at or under one block): the
     step is solved at the same share of the MACs and the measurement judges."""
-    asked = _measuring(monkeypatch, [0.7])
+    asked = fake_onnxruntime(monkeypatch, [0.7])
     monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, spread=False, **k: (1.0, 0.0) if spread else 1.0)
     model = MODELS["resnet"](widths=(32, 64, 128)).eval()
     x = torch.randn(2, 3, 16, 16)
