@@ -320,8 +320,8 @@ def cmd_compress(args) -> None:
     result = compress(model, x, train, val, task=args.task, **budget(args), importance=args.importance,
                       prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to, runtime=args.runtime,
                       min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
-                      latency_options=latency_options(args), labels=args.labels, out_dir=out / "train", resume=args.resume, batch_size=args.batch_size,
-                      lr=args.lr)
+                      latency_options=latency_options(args), labels=args.labels, out_dir=out / "train",
+                      resume=args.resume, batch_size=args.batch_size, lr=args.lr)
     if is_main():  # under torchrun every rank holds the same slim model; one exports, times and reports it
         ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}")
 

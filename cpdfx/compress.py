@@ -58,12 +58,11 @@ class CompressResult:
 
 
 def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, task: str = "classification",
-             macs=None, params=None, latency=None, latency_options=None, importance="fisher", prune_steps: int = 5, prune_share: float = 0.5,
-             epochs: int = 10, schedule: str = "geometric", round_to: int | None = None, runtime: str = "cpu",
-             min_keep=1, ignore=(),
-             overrides=None, loss=None, labels: bool = True, plain: bool = False, learned_options=None,
-             out_dir=None, resume: bool = False, seed: int = 0, progress: bool = True,
-             **distill_options) -> CompressResult:
+             macs=None, params=None, latency=None, latency_options=None, importance="fisher",
+             prune_steps: int = 5, prune_share: float = 0.5, epochs: int = 10, schedule: str = "geometric",
+             round_to: int | None = None, runtime: str = "cpu", min_keep=1, ignore=(), overrides=None,
+             loss=None, labels: bool = True, plain: bool = False, learned_options=None, out_dir=None,
+             resume: bool = False, seed: int = 0, progress: bool = True, **distill_options) -> CompressResult:
     """Prune `model` to `macs` / `params` / `latency` (shares of the original)
     while distilling it from itself, and return the trained slim model.
     latency, latency_options: as for cpdfx.prune; each pruning step is timed
@@ -96,8 +95,8 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
                          "latency budget use a pruning criterion such as 'fisher'")
     config = dict(macs=macs, params=params, latency=latency, importance=_name(importance),
                   prune_steps=1 if learned else prune_steps, prune_share=prune_share, schedule=schedule,
-                  round_to=round_to, runtime=runtime, min_keep=min_keep, plain=plain, learned=resolve_options(learned_options)
-                  if learned else None)
+                  round_to=round_to, runtime=runtime, min_keep=min_keep, plain=plain,
+                  learned=resolve_options(learned_options) if learned else None)
     if resume and out_dir is None:
         raise ValueError("resume=True continues from out_dir/last.pt: give the out_dir of the run to resume")
     loss = _plain_loss(loss, labels) if plain else loss

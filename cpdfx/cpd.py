@@ -13,8 +13,8 @@ from .pruner import Pruner
 from .ranks import world
 
 # what a resumed run must share with the one that saved the checkpoint, beyond distill's own settings
-RESUME_KEYS = ("macs", "params", "latency", "importance", "prune_steps", "prune_share", "schedule", "round_to", "runtime", "min_keep",
-               "plain", "learned")
+RESUME_KEYS = ("macs", "params", "latency", "importance", "prune_steps", "prune_share", "schedule", "round_to",
+               "runtime", "min_keep", "plain", "learned")
 
 
 def prune_points(total_steps: int, prune_share: float, prune_steps: int) -> list[int]:

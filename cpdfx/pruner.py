@@ -114,7 +114,8 @@ class Pruner:
             return self.gm
         macs, params, latency = self.targets[self.steps_done]
         current = CostModel(self.gm, self.comb, self.example_inputs)()
-        target = Target(_relative(macs, self.base.macs, current.macs), _relative(params, self.base.params, current.params),
+        target = Target(_relative(macs, self.base.macs, current.macs),
+                        _relative(params, self.base.params, current.params),
                         _relative(latency, 1.0, self.latency_share))
         seen = not self.criterion.needs_gradients or self.criterion.batches > 0
         scores = (self.criterion.scores(self.gm, self.comb) if seen else
@@ -218,9 +219,9 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
     the target corrected by what was measured (the tables miss what layers
     share: caches, fused ops, the untabled rest): first scaled by goal /
     measured, then along the secant of the last two (asked, measured) pairs,
-    up to `rounds` times; returns
-    (slim, plan, measured share), the closest to `goal` that is not over it by
-    more than `slack`. With rounds=1, the one result whatever it measured.
+    up to `rounds` times; returns (slim, plan, measured share), the closest to
+    `goal` that is not over it by more than `slack`. With rounds=1, the one
+    result whatever it measured.
     Where the tables say the target is out of reach, the smallest model they
     allow is measured all the same: they overrate what is fixed in a small
     model (every op alone pays onnxruntime's per-run overhead)."""
@@ -240,7 +241,7 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
         if abs(share - goal) <= slack or smallest and share > goal:
             break
         tried.append((asked, share))
-        asked = _next_ask(tried, goal)
+        asked = _next_ask(tried, goal, slack)
     if best is None and smallest:
         rules = plan_options.get("rules") or Constraints()
         raise BudgetError(f"latency={goal:g} (x{1 / goal:.2f}) cannot be reached: the smallest model the "
@@ -254,7 +255,7 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
     return best
 
 
-def _next_ask(tried: list, goal: float, slack: float = 0.02) -> float:
+def _next_ask(tried: list, goal: float, slack: float) -> float:
     """The latency to ask the tables for next: on the secant through the last
     two (asked, measured) pairs when it rises and they measured far enough
     apart for its slope to be more than noise (and no lower than half what

@@ -132,8 +132,8 @@ def unit_costs(cost_model: CostModel, groups, target: Target, latency_model=None
         out[g.id] = sum((getattr(base, m) - getattr(smaller, m)) / max(getattr(base, m), 1) for m in metrics)
     if target.latency is not None:
         full = latency_model()
-        block = min(latency_model.block, max(g.size for g in groups)) if groups else 1
-        saved = {g.id: max(0.0, full - latency_model({g.id: max(g.size - block, 1)})) / min(block, g.size - 1) / full
+        step = {g.id: min(latency_model.block, g.size - 1) for g in groups}  # a block, or all but one channel
+        saved = {g.id: max(0.0, full - latency_model({g.id: g.size - step[g.id]})) / step[g.id] / full
                  for g in groups}
         least = min((v for v in saved.values() if v > 0), default=1.0)
         out = {g: out[g] + max(saved[g], least) for g in out}
@@ -157,7 +157,7 @@ def plan(gm: fx.GraphModule, groups, example_inputs, target: Target, *, importan
     when given, are raw scores already computed (the step-wise pruner's)."""
     rules = rules or Constraints()
     criterion = resolve(importance)
-    free, fixed = rules.split(groups.prunable)
+    free, _ = rules.split(groups.prunable)  # the fixed counts depend on the alignment: _plan splits again
     raw = scores if scores is not None else score(criterion, gm, groups, example_inputs, calibration, loss_fn)
     cost_model = CostModel(gm, groups, example_inputs)
     per_cost = criterion.normalisation == "cost" or target.latency is not None
