@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .files import atomic_path
 from .losses import IGNORE_INDEX, DistillLoss, logits_of, resize_to, same_resolution
+from .ranks import all_reduce
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.jsonl"
@@ -194,12 +195,6 @@ def _loader(dataset, batch: int, sampler, num_workers: int, device, seed: int, d
 # -- metrics ----------------------------------------------------------------------------
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def miou(confusion: torch.Tensor) -> float:
     """Mean IoU over the classes that occur in the targets or the predictions."""
     tp = confusion.diag().double()
@@ -237,7 +232,7 @@ def evaluate(model: nn.Module, data, *, task: str = "classification", batch_size
     model.train(was_training)
     if counts is None:
         raise ValueError("the validation data is empty")
-    counts = _all_reduce(counts)
+    counts = all_reduce(counts)
     name = "top1" if task == "classification" else "miou"
     value = float(counts[0] / counts[1]) if task == "classification" else miou(counts)
     return {name if versus == "labels" else f"{name}_vs_teacher": value}
@@ -651,7 +646,7 @@ class _Run:
     def _end_epoch(self) -> None:
         self._sync_buffers()
         names = sorted(self.running)
-        totals = _all_reduce(torch.stack([self.running[k] for k in names] +
+        totals = all_reduce(torch.stack([self.running[k] for k in names] +
                                          [torch.tensor(float(self.batch_in_epoch), device=self.device)]))
         means = {k: float(totals[i] / totals[-1]) for i, k in enumerate(names)}
         loss = sum(means.values())

@@ -49,6 +49,11 @@ def sum_over_ranks(values: np.ndarray) -> np.ndarray:
         return values
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dist.get_backend() == "nccl"
               else torch.device("cpu"))
-    t = torch.from_numpy(values.copy()).to(device)
-    dist.all_reduce(t)
-    return t.cpu().numpy()
+    return all_reduce(torch.from_numpy(values.copy()).to(device)).cpu().numpy()
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """t summed over all ranks, in place (a collective); t itself with one process."""
+    if _group():
+        dist.all_reduce(t)
+    return t
