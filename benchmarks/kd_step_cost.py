@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import cpdfx
+from cpdfx import zoo
 from cpdfx.distill import Callback, distill
 from cpdfx.models import ResNetTiny
 
@@ -36,10 +37,8 @@ def resnet_tiny():
 
 
 def hf_resnet18():
-    from transformers import ResNetConfig, ResNetForImageClassification
-    return ResNetForImageClassification(ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2],
-                                                     hidden_sizes=[64, 128, 256, 512], num_channels=1,
-                                                     num_labels=10))
+    """benchmarks/accuracy.py's teacher: transformers' ResNet-18, one input channel."""
+    return zoo.build("resnet18", small=False, num_channels=1)
 
 
 MODELS = {"resnet_tiny": resnet_tiny, "hf_resnet18": hf_resnet18}

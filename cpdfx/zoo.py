@@ -11,8 +11,9 @@ def _hf():
     return transformers
 
 
-def build(name: str, num_labels: int = 10, image_size: int = 64, small: bool = True):
-    """A random-initialised transformers model by family name (see FAMILIES)."""
+def build(name: str, num_labels: int = 10, image_size: int = 64, small: bool = True, **config):
+    """A random-initialised transformers model by family name (see FAMILIES);
+    `config` overrides the family's settings (e.g. num_channels=1)."""
     t = _hf()
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; choose one of {', '.join(FAMILIES)}")
@@ -20,7 +21,7 @@ def build(name: str, num_labels: int = 10, image_size: int = 64, small: bool = T
     kwargs = dict(small_kwargs if small else full_kwargs)
     if name in ("vit", "mobilenet_v2"):
         kwargs["image_size"] = image_size
-    config = getattr(t, config_cls)(num_labels=num_labels, **kwargs)
+    config = getattr(t, config_cls)(num_labels=num_labels, **{**kwargs, **config})
     return getattr(t, model_cls)(config)
 
 
@@ -30,6 +31,9 @@ FAMILIES = {
                dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
                     layer_type="bottleneck"),
                dict()),
+    "resnet18": ("ResNetConfig", "ResNetForImageClassification",
+                 dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic"),
+                 dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic")),
     "mobilenet_v2": ("MobileNetV2Config", "MobileNetV2ForImageClassification",
                      dict(depth_multiplier=0.35), dict()),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
