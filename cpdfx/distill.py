@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .files import atomic_path
 from .losses import IGNORE_INDEX, DistillLoss, logits_of, resize_to, same_resolution
-from .ranks import all_reduce
+from .ranks import all_reduce, shard
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.jsonl"
@@ -213,7 +213,7 @@ def evaluate(model: nn.Module, data, *, task: str = "classification", batch_size
     (key "top1_vs_teacher" / "miou_vs_teacher"). Under torch.distributed each rank
     scores its share and the counts are summed, so every rank gets the full result."""
     device = pick_device(device if device is not None else next(model.parameters(), torch.empty(0)).device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = shard()
     loader = _loader(data, batch_size, range(rank, len(data), world), num_workers, device, 0, drop_last=False)
     was_training = model.training
     model.eval()

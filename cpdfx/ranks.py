@@ -30,6 +30,15 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def shard() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1): how to
+    split work whose results are then summed with all_reduce (unlike `world`,
+    never torchrun's WORLD_SIZE while no group runs, as nothing would sum)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def from_main(value):
     """Rank 0's value on every rank (any picklable object); the value itself
     with one process. A collective: every rank must call it. For decisions
