@@ -62,20 +62,20 @@ MODEL, SEG_MODEL = "hf-resnet18", "unet-tiny"
 # -- teachers ---------------------------------------------------------------------------
 
 
-def classifier(args) -> torch.nn.Module:
+def classifier() -> torch.nn.Module:
     return zoo.build("resnet18", small=False, num_channels=1)
 
 
-def segmenter(args) -> torch.nn.Module:
+def segmenter() -> torch.nn.Module:
     return UNetTiny(num_classes=len(FashionSegmentation.classes), in_channels=1)
 
 
-def fashion(args, seed=0):
-    """(train, test): the training images augmented (subset to --train-size by
-    seed when given), the test set whole (or --test-size of it)."""
+def fashion(args, seed=0, size=None):
+    """(train, test): `size` training images drawn by seed (all 60k when None),
+    augmented, and the test set whole (or --test-size of it)."""
     train = fashion_mnist("train", augment=True, normalize=True, seed=seed)
     test = fashion_mnist("test", normalize=True)
-    return subset(train, args.train_size, seed), subset(test, args.test_size, 0)
+    return subset(train, size, seed), subset(test, args.test_size, 0)
 
 
 def canvases(args, seed=0):
@@ -107,13 +107,13 @@ def train_teacher(args, task) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if task == "classification":
-        model = classifier(args)
-        train, test = fashion(args)
+        model = classifier()
+        train, test = fashion(args, size=args.train_size if args.quick else None)  # all 60k but in a dry run
         result = distill(model, None, train, test, epochs=args.teacher_epochs, batch_size=128, optimizer="sgd",
                          lr=args.teacher_lr, weight_decay=5e-4, clip_grad=None, warmup=0.02,
                          progress=args.progress)
     else:
-        model = segmenter(args)
+        model = segmenter()
         train, test = canvases(args)
         result = distill(model, None, train, test, task=task, epochs=args.seg_teacher_epochs,
                          batch_size=args.seg_batch, lr=2e-3, progress=args.progress)
@@ -127,11 +127,10 @@ def train_teacher(args, task) -> dict:
 
 
 def load_teacher(args, task) -> torch.nn.Module:
-    model = classifier(args) if task == "classification" else segmenter(args)
+    model = classifier() if task == "classification" else segmenter()
     saved = torch.load(teacher_path(args, task), map_location="cpu", weights_only=True)
     model.load_state_dict(saved["state_dict"])
     return model.eval()
-
 
 
 # -- rows -------------------------------------------------------------------------------
@@ -170,7 +169,7 @@ def run_row(args, spec) -> dict:
     torch.set_num_threads(args.threads)
     task, method, target, seed = spec["task"], spec["method"], spec["target_macs"], spec["seed"]
     teacher = load_teacher(args, task)
-    train, test = fashion(args, seed) if task == "classification" else canvases(args, seed)
+    train, test = fashion(args, seed, args.train_size) if task == "classification" else canvases(args, seed)
     example = torch.randn(2, *train[0][0].shape)
     options = {**training(args, task), "task": task, "seed": seed, "progress": args.progress}
     t0 = time.perf_counter()
