@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 import cpdfx
 from cpdfx import zoo
@@ -53,7 +52,7 @@ from cpdfx.models import UNetTiny
 from cpdfx.runtime import channel_block
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distill_fashion import machine  # noqa: E402
+from distill_fashion import machine, subset  # noqa: E402
 from latency_resnet50 import torch_pruning  # noqa: E402  (the peer, as its users run it)
 
 MODEL, SEG_MODEL = "hf-resnet18", "unet-tiny"
@@ -82,12 +81,6 @@ def canvases(args, seed=0):
     common = dict(canvas=args.canvas, items=2, normalize=True)
     return (FashionSegmentation("train", length=args.seg_train_size, augment=True, seed=seed, **common),
             FashionSegmentation("test", length=args.seg_val_size, **common))
-
-
-def subset(dataset, n, seed):
-    if n is None or n >= len(dataset):
-        return dataset
-    return Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist())
 
 
 def teacher_path(args, task) -> Path:

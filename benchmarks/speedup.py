@@ -39,7 +39,7 @@ NAMES = {"resnet": "ResNet-50", "mobilenet_v2": "MobileNetV2 1.0", "convnext": "
          "vit": "ViT-B/16", "segformer": "SegFormer-B0"}
 
 
-def prune_variants(model, x, target: float, batch: int, block: int, repeats: int):
+def prune_variants(model, x, target: float, batch: int, block: int):
     """(name, slim or error, seconds) for the three ways to x`target`."""
     out = []
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def run(name, args, out: Path, block: int) -> tuple[list, dict]:
         paths = {"original": cpdfx.export_onnx(model, x, folder / "original.onnx")}
         info = {"original": {"macs": 1.0, "params": 1.0, "seconds": 0.0, "asked": None}}
         for target in args.targets:
-            for label, slim, seconds in prune_variants(model, x, target, batch, block, args.repeats):
+            for label, slim, seconds in prune_variants(model, x, target, batch, block):
                 if isinstance(slim, Exception):
                     info[label] = {"error": f"{type(slim).__name__}: {' '.join(str(slim).split())[:160]}",
                                    "seconds": seconds, "asked": target}

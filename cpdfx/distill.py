@@ -647,7 +647,7 @@ class _Run:
         self._sync_buffers()
         names = sorted(self.running)
         totals = all_reduce(torch.stack([self.running[k] for k in names] +
-                                         [torch.tensor(float(self.batch_in_epoch), device=self.device)]))
+                                        [torch.tensor(float(self.batch_in_epoch), device=self.device)]))
         means = {k: float(totals[i] / totals[-1]) for i, k in enumerate(names)}
         loss = sum(means.values())
         if not math.isfinite(loss):

@@ -203,15 +203,15 @@ def run_demo(args, plan: DemoPlan | None = None) -> dict:
               f"{len(teacher_train)} {name} images, " + ("from the cache" if cached else
                                                           f"training on {threads} thread(s)"))
         teacher, cached = demo_teacher(name, teacher_train, val, plan)
-        block = channel_block()
         print(f"2/3 compressing to {args.macs:.0%} MACs while distilling from the teacher: {plan.slim_epochs} "
               f"epoch(s) on {len(slim_train)} images, {args.importance} in {plan.prune_steps} steps, "
-              f"channel counts in multiples of {block}")
+              f"channel counts in multiples of {channel_block()} (this CPU's block) where the budget allows")
         result = compress(teacher, x, slim_train, val, macs=args.macs, importance=args.importance,
                           prune_steps=plan.prune_steps, epochs=plan.slim_epochs, batch_size=plan.batch_size,
                           lr=plan.lr, out_dir=Path(args.out) / "train")
         print(f"    top-1 on {len(val)} test images: teacher {result.report['teacher']['top1']:.2%}, "
-              f"slim {result.report['student']['top1']:.2%}")
+              f"slim {result.report['student']['top1']:.2%}; channel counts in multiples of "
+              f"{result.report['round_to']}")
         print("3/3 exporting to ONNX, timing in onnxruntime, writing the report")
         summary = ship(teacher, result.model, x, val, "classification", Path(args.out), repeats=plan.repeats,
                        threads=threads, training=_budgets(name, plan, args, cached, teacher_train, slim_train, val,

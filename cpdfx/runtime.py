@@ -9,6 +9,7 @@ the block of the runtime the model will run on (see budget.Constraints).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import onnxruntime as ort
@@ -28,8 +29,13 @@ def channel_block(runtime: str = "cpu") -> int:
     """The channel block of `runtime`: on the CPU, onnxruntime's MLAS NCHWc
     block of this machine (16 with AVX-512, 8 with AVX2/AVX, else 4 for NEON
     and others); on CUDA, 8."""
-    if check_runtime(runtime) == "cuda":
-        return CUDA_BLOCK
+    return CUDA_BLOCK if check_runtime(runtime) == "cuda" else _cpu_block()
+
+
+@functools.cache
+def _cpu_block() -> int:
+    """This CPU's MLAS block, read from /proc/cpuinfo once per process (every
+    solve asks for it)."""
     flags = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as f:
