@@ -135,8 +135,8 @@ def main():
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
     print("\n" + markdown(rows))
     print(f"\n{machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']} (CPU), torch "
-          f"{machine['torch']}, channel block {block}; median of {args.repeats} interleaved runs per architecture "
-          f"and batch; files in {out}")
+          f"{machine['torch']}, channel block {block}; median of at least {args.repeats} interleaved runs (and "
+          f"a second of them) per architecture and batch; files in {out}")
 
 
 if __name__ == "__main__":

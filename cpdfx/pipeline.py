@@ -71,8 +71,8 @@ def _markdown(title, summary, timing, report) -> str:
     if summary["training"]:
         lines += ["## Training budgets", ""] + [f"- {line}" for line in summary["training"]] + [""]
     lines += [f"onnxruntime {m['onnxruntime']} on {m['cpu']} ({m['cores']} cores, "
-              f"{m['threads'] or 'default'} threads), median of {timing.rows[0]['repeats']} interleaved runs; "
-              f"the plot is latency.png.", ""]
+              f"{m['threads'] or 'default'} threads), median of {min(r['repeats'] for r in timing.rows)} or more "
+              f"interleaved runs; the plot is latency.png.", ""]
     if report.get("layers"):
         lines += ["## Pruning report", "", "```", format_report(report), "```", ""]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ def result(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     x = torch.randn(2, 3, 8, 8)
     models = {name: export_onnx(tiny(w), x, folder / f"{name}.onnx") for name, w in [("wide", 16), ("narrow", 4)]}
-    return bench(models, (3, 8, 8), batch_sizes=(1, 4), threads=1, warmup=1, repeats=3,
+    return bench(models, (3, 8, 8), batch_sizes=(1, 4), threads=1, warmup=1, repeats=3, min_seconds=0,
                  torch_models={"wide": tiny(16)}, progress=False)
 
 
@@ -62,6 +62,15 @@ def test_inputs_as_an_array_or_a_shape_with_batch(result):
     for inputs in (torch.randn(3, 3, 8, 8), (1, 3, 8, 8)):
         rows = bench(models, inputs, batch_sizes=(2,), warmup=0, repeats=1, progress=False).rows
         assert [r["batch"] for r in rows] == [2, 2]
+
+
+def test_fast_models_are_timed_for_min_seconds_not_just_repeats(result):
+    """A round of these two tiny models takes well under a millisecond: one
+    repeat asked, a tenth of a second to fill, so many rounds are timed, the
+    same number for each model (they run round-robin)."""
+    rows = bench(result.models, (3, 8, 8), batch_sizes=(1,), threads=1, warmup=2, repeats=1, min_seconds=0.1,
+                 progress=False).rows
+    assert rows[0]["repeats"] == rows[1]["repeats"] > 10
 
 
 def test_unknown_provider_is_refused(result):
