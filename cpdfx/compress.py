@@ -16,11 +16,11 @@ rest of the run distils the pruned student.
 `importance="learned"` learns the structure instead (after Ahmed et al. 2021,
 "Compact CNN Structure Learning by Knowledge Distillation"): a gate per channel
 of every prunable group is trained with the distillation loss and a sparsity
-penalty weighted by what each channel costs in the budgeted metric, steered
-until the channels whose gates stayed open fit the budget (or the pruning phase
-ends); then the gates are folded into the weights and the smallest are
-eliminated once, through the same solver, so the budget is met exactly (see
-cpdfx.learned; the step-wise schedule is in cpdfx.cpd).
+penalty, the weakest closed along a path to the budget, until the channels whose
+gates stayed open fit it (or the pruning phase ends); then the gates are folded
+into the weights and the weakest channels (by the Fisher criterion of the gated
+network) are eliminated once, through the same solver, so the budget is met
+exactly (see cpdfx.learned; the step-wise schedule is in cpdfx.cpd).
 
 `plain=True` is the baseline: the same schedule, with the labels only (no
 teacher runs; the loss is the cross-entropy, DistillLoss with alpha 0), for

@@ -1,8 +1,10 @@
 """The learned structure, compress(importance="learned"), after Ahmed et al.
 2021, "Compact CNN Structure Learning by Knowledge Distillation": a gate per
 channel of every prunable group, trained with the distillation loss and a
-sparsity penalty weighted by what each channel costs in the budgeted metric,
-then folded into the weights and cut to the budget once by the solver. See
+sparsity penalty (weighted by what each channel costs in the budgeted metric
+where cost_power > 0), the weakest closed along a path to the budget, then
+folded into the weights and cut to the budget once by the solver, ranking the
+channels by the Fisher criterion of the gated network. See
 `GatedStudent` for why the gates scale every parameter slice of a channel, and
 `LearnedCallback.sparsity` for why the penalty is not a plain L1.
 """
@@ -19,12 +21,13 @@ from .cost import CostModel
 from .cpd import PruneCallback
 from .importance import Criterion
 from .budget import Budget, Target
-from .solve import plan, unit_costs
+from .solve import plan
 from .pruner import Pruner
 
 LEARNED = "learned"
 LEARNED_DEFAULTS = {"penalty": 2.0, "growth": 1.3, "threshold": 0.1, "every": 5, "cost_power": 0.0}
 PATH_SLACK = 0.01  # in budgets: how far under the path the open gates may run before the penalty eases
+FISHER_DECAY = 0.98  # per step: the gates' Fisher is a mean over the last ~50 batches, as the gates move
 
 
 class GatedStudent(nn.Module):
@@ -100,30 +103,28 @@ class GatedStudent(nn.Module):
 
 
 class GateScores(Criterion):
-    """Importance = |gate| over its group's root mean square (batch norm leaves
-    each group's scale arbitrary; "open" is judged on the same scale), read
-    after training and set with `set`. The solver divides "cost"-normalised
-    scores by each channel's cost; the gates' penalty already weighed cost, so
-    the scores handed over are pre-multiplied by the same unit costs and the
-    solver ranks the channels by the gates themselves."""
+    """Importance = group Fisher (CPD's criterion) of the network the gates
+    make: the squared gradient of a mask on each folded channel, g x dL/dg
+    (a gate scales every slice of its channel, so this is the mask gradient
+    of the channel whose weights are the gated ones), averaged over recent
+    batches (`LearnedCallback.fisher`) and handed over with `set`. A gate the
+    penalty shrank, or training left small, scores low at the same loss
+    gradient, so the gates decide the structure through the loss they
+    change; ranking by |gate| alone ranked by the random walk that the signed
+    loss gradients give the gates of the channels that matter most
+    (benchmarks/RESULTS.md). Scores are per channel, like fisher's, and the
+    solver divides them by each channel's cost."""
     name = "learned"
     normalisation = "cost"
 
-    def __init__(self, example_inputs, target: Target, free_ids):
-        self.example_inputs, self.target, self.free_ids = example_inputs, target, set(free_ids)
-        self.gates: dict = {}
+    def __init__(self):
+        self.values: dict = {}
 
-    def set(self, gates: dict) -> None:
-        self.gates = {gid: np.abs(v) / max(float(np.sqrt(np.mean(v ** 2))), 1e-12) for gid, v in gates.items()}
+    def set(self, scores: dict) -> None:
+        self.values = dict(scores)
 
     def scores(self, gm, comb):
-        free = [g for g in comb.prunable if g.id in self.free_ids]
-        units = unit_costs(CostModel(gm, comb, self.example_inputs), free, self.target)
-        out = {}
-        for g in comb.prunable:
-            s = self.gates.get(g.id, np.ones(g.size))
-            out[g.id] = s * units[g.id] if g.id in units else s
-        return out
+        return {g.id: self.values.get(g.id, np.ones(g.size)) for g in comb.prunable}
 
 
 class LearnedCallback(PruneCallback):
@@ -135,13 +136,14 @@ class LearnedCallback(PruneCallback):
     setting its strength. Every `every` steps the open gates
     (|gate| > threshold x the group's root mean square) are costed against a
     geometric path from the original's cost to the budget over the phase.
-    Where they cost more than the path says, the weakest open gates are
-    closed until they fit it (`_close_to`); where less, the penalty shrinks
+    Where they cost more than the path says, the weakest open channels (by
+    the Fisher of the gated network, `GateScores`) are closed until they fit
+    it (`_close_to`); where less, the penalty shrinks
     / `growth`, so that the gates do not run far under the budget (closed
     gates do not reopen). Once the open gates fit the budget (at
     the latest when the phase ends), the gates are folded into the weights
-    and the model is cut to the budget once, by the solver, ranking |gate|:
-    the channels cut then are closed ones, not the open channels a lagging
+    and the model is cut to the budget once, by the solver, on the same
+    scores: the channels cut then are closed ones, not the open channels a lagging
     penalty left over."""
 
     def __init__(self, pruner: Pruner, student: GatedStudent, end: int, config: dict, *, penalty: float,
@@ -162,6 +164,7 @@ class LearnedCallback(PruneCallback):
         self.met_at = None
         self.loss_grads: dict = {}
         self.scale, self.seen = 0.0, 0  # running mean square of the gates' loss gradients
+        self.fisher: dict = {}  # per gated group, a running mean of (gate x its loss gradient) ** 2
 
     def _full(self) -> dict:
         return {g.id: g.size for g in self.free}
@@ -201,6 +204,14 @@ class LearnedCallback(PruneCallback):
             gate = self.student.gates[f"g{gid}"]
             self.loss_grads[gid] = torch.zeros_like(gate) if gate.grad is None else gate.grad.detach().clone()
             gate.grad = None
+            mask = (gate.detach() * self.loss_grads[gid]).double().cpu().numpy() ** 2
+            self.fisher[gid] = FISHER_DECAY * self.fisher.get(gid, 0.0) + (1 - FISHER_DECAY) * mask
+
+    def scores(self) -> dict:
+        """The gated channels' Fisher (see GateScores), bias-corrected like
+        Adam's moments, so the first batches count in full."""
+        steps = max(self.seen, 1)
+        return {gid: f / (1 - FISHER_DECAY ** steps) for gid, f in self.fisher.items()}
 
     def sparsity(self) -> torch.Tensor:
         """The penalty: per group, its cost weight x the sum of |gate| / the
@@ -273,7 +284,7 @@ class LearnedCallback(PruneCallback):
         a large cut of open channels then."""
         target = self.budget.target
         scaled = Target(*(None if v is None else min(1.0, v * goal) for v in (target.macs, target.params)))
-        self.pruner.criterion.set(self.student.values())
+        self.pruner.criterion.set(self.scores())
         chosen = plan(self.pruner.gm, self.pruner.comb, self.example_inputs, scaled,
                       importance=self.pruner.criterion, rules=self.rules)
         with torch.no_grad():
@@ -289,7 +300,7 @@ class LearnedCallback(PruneCallback):
         """Fold the gates in, prune to the budget by |gate|, and leave the
         optimizer holding the slim graph's parameters under their own names."""
         self.student.fold()
-        self.pruner.criterion.set(self.student.values())
+        self.pruner.criterion.set(self.scores())
         gates = {id(p) for p in self.student.gates.parameters()}
         slim = self._prune(step, optimizer)
         for group in optimizer.param_groups:
@@ -305,12 +316,14 @@ class LearnedCallback(PruneCallback):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "penalty": self.penalty, "weights": dict(self.weights),
-                "trace": list(self.trace), "met_at": self.met_at, "scale": self.scale, "seen": self.seen}
+                "trace": list(self.trace), "met_at": self.met_at, "scale": self.scale, "seen": self.seen,
+                "fisher": {gid: f.tolist() for gid, f in self.fisher.items()}}
 
     def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module:
         self.penalty, self.weights = state["penalty"], {int(k): v for k, v in state["weights"].items()}
         self.trace, self.met_at = list(state["trace"]), state["met_at"]
         self.scale, self.seen = state["scale"], state["seen"]
+        self.fisher = {int(gid): np.asarray(f, dtype=np.float64) for gid, f in state["fisher"].items()}
         return super().load_state_dict(state, student)  # the slim graph once cut, else the gated student
 
 
@@ -346,16 +359,14 @@ def gated_student(gm, example_inputs, target, end, config, rules, options):
     """The gated student and its callback (importance='learned'): every
     prunable group that is not ignored gets gates; only the groups the global
     ranking decides (not the overridden ones) are penalised."""
-    criterion = GateScores(example_inputs, target, ())
-    pruner = Pruner(gm, example_inputs, criterion, macs=target.macs, params=target.params, steps=1, **rules)
+    pruner = Pruner(gm, example_inputs, GateScores(), macs=target.macs, params=target.params, steps=1, **rules)
     free, fixed = pruner.rules.split(pruner.comb.prunable)
-    criterion.free_ids = {g.id for g in free}
     if not free:
         raise ValueError("importance='learned' found no channel group to learn: every prunable group is ignored "
                          "or overridden (or the model has none); loosen ignore= / overrides=, or use a pruning "
                          "criterion such as 'fisher'")
-    student = GatedStudent(pruner.gm, pruner.comb, [g for g in pruner.comb.prunable
-                                                   if g.id in criterion.free_ids or g.id in fixed])
+    gated = {g.id for g in free} | set(fixed)
+    student = GatedStudent(pruner.gm, pruner.comb, [g for g in pruner.comb.prunable if g.id in gated])
     callback = LearnedCallback(pruner, student, end, config, target=target, example_inputs=example_inputs,
                                **options)
     return student, callback

@@ -12,7 +12,9 @@ from cpdfx import data
 from cpdfx.compress import compress
 from cpdfx.cpd import PruneCallback, prune_points
 from cpdfx.distill import distill
-from cpdfx.learned import LearnedCallback
+from cpdfx.budget import Target
+from cpdfx.importance import Fisher
+from cpdfx.learned import LearnedCallback, gated_student, resolve_options
 from cpdfx.models import ResNetTiny, UNetTiny
 
 X = torch.randn(2, 1, 8, 8)
@@ -140,6 +142,32 @@ def test_learned_structure_follows_the_path_even_when_the_penalty_lags(digits, t
     assert any(t["closed_to"] < t["used"] - 0.01 for t in trace)  # gates were closed by the path, not the penalty
     assert min(t["closed_to"] for t in trace) >= 0.95  # no overshoot below the budget on the way
     assert result.report["learned"]["met_by_gates_at"] == 42 and 0.48 <= result.report["achieved"]["macs"] <= 0.5
+
+
+def test_gate_scores_are_the_fisher_criterion_of_the_folded_network(digits, teacher):
+    """The gates rank channels by g x dL/dg squared: on gates set apart, it is
+    exactly what fisher measures on the plain graph with the gates folded in."""
+    student, callback = gated_student(cpdfx.capture(teacher, X), X, Target(macs=0.5), 10, {}, {},
+                                      resolve_options(None))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for gate in student.gates.values():
+            gate.uniform_(0.2, 1.5)
+    x, y = next(iter(torch.utils.data.DataLoader(digits[0], batch_size=32)))
+    student.train()
+    torch.nn.functional.cross_entropy(student(x), y).backward()
+    callback.on_backward(student)
+    scores = callback.scores()
+    student.fold()
+    gm, comb = callback.pruner.gm, callback.pruner.comb
+    gm.zero_grad()
+    torch.nn.functional.cross_entropy(gm(x), y).backward()
+    fisher = Fisher()
+    fisher.accumulate(gm, comb)
+    expected = fisher.scores(gm, comb)
+    assert scores.keys() and all(torch.allclose(torch.as_tensor(scores[gid]), torch.as_tensor(expected[gid]),
+                                                rtol=1e-3, atol=1e-12) for gid in scores)
+    assert any(scores[gid].max() > 10 * scores[gid].min() for gid in scores)  # they tell channels apart
 
 
 def test_segmentation_with_channel_wise_distillation():
