@@ -297,7 +297,7 @@ class LearnedCallback(PruneCallback):
         return self.open_counts()
 
     def _cut(self, step: int, optimizer) -> fx.GraphModule:
-        """Fold the gates in, prune to the budget by |gate|, and leave the
+        """Fold the gates in, prune to the budget on the gated Fisher, and leave the
         optimizer holding the slim graph's parameters under their own names."""
         self.student.fold()
         self.pruner.criterion.set(self.scores())
