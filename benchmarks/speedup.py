@@ -83,8 +83,11 @@ def run(name, args, out: Path, block: int) -> tuple[list, dict]:
                     print(f"  {NAMES[name]} batch {batch} {label}: {info[label]['error']}", flush=True)
                     continue
                 cost = cpdfx.cost(slim, x)
+                report = getattr(slim, "meta", {}).get("cpdfx_report", {})  # none for the peer's module
                 info[label] = {"macs": cost.macs / base.macs, "params": cost.params / base.params,
-                               "seconds": seconds, "asked": target}
+                               "seconds": seconds, "asked": target,
+                               "in_prune": report.get("achieved", {}).get("latency"),
+                               "rounds": len(report["steps"][-1].get("rounds", [])) if report.get("steps") else 0}
                 paths[label] = cpdfx.export_onnx(slim, x, folder / f"v{len(paths)}.onnx")
                 print(f"  {NAMES[name]} batch {batch} {label}: {info[label]['macs']:.1%} MACs, "
                       f"{info[label]['params']:.1%} params, {seconds:.0f} s", flush=True)
@@ -100,15 +103,18 @@ def run(name, args, out: Path, block: int) -> tuple[list, dict]:
 
 
 def markdown(rows) -> str:
-    lines = ["| model | batch | variant | asked | measured | MACs | params | ms | prune s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    """The rows as a table; a latency prune's `in prune` column is the speed-up
+    it measured of the model it kept, and (in brackets) its rounds."""
+    lines = ["| model | batch | variant | asked | measured | in prune | MACs | params | ms | prune s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | x{r['asked']:g} | {r['error']} | | | | "
+            lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | x{r['asked']:g} | {r['error']} | | | | | "
                          f"{r['seconds']:.0f} |")
             continue
         asked = f"x{r['asked']:g}" if r["asked"] and r["variant"].startswith("cpdfx speedup") else ""
-        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {asked} | x{r['speedup']:.2f} | "
+        own = f"x{1 / r['in_prune']:.2f} ({r['rounds']})" if r.get("in_prune") else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {asked} | x{r['speedup']:.2f} | {own} | "
                      f"{r['macs']:.1%} | {r['params']:.1%} | {r['median_ms']:.1f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 

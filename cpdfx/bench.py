@@ -2,8 +2,12 @@
 
 Runs are interleaved, one model after another round after round, so that
 drift (thermal throttling, turbo, other load) hits every model alike; the
-speed-up of a model is the ratio of the first model's median latency to its
-own, measured in the same rounds.
+speed-up of a model is the median, over the rounds, of the first model's
+time in a round over its own in the same round: two runs a few milliseconds
+apart see the same machine, so the ratio of a round holds where the times
+themselves drift (on a shared 2-core VM, a model's times spread by 20-40%
+within one run, and the ratio of the two medians moved by 15% between
+three runs, where the median ratio moved by 1%).
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 class BenchResult:
     """rows: one dict per model, runtime ("onnxruntime" or "torch"), device
     ("cpu" or "cuda") and batch size, with median_ms, p90_ms, images_per_s,
-    speedup (against the first model of the same runtime, device and batch)
-    and repeats. machine: what it ran on. models: name -> ONNX path."""
+    speedup (against the first model of the same runtime, device and batch:
+    the median over the rounds of its time over this model's) and repeats. machine: what it ran on. models: name -> ONNX path."""
     rows: list = field(default_factory=list)
     machine: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)
@@ -224,11 +228,13 @@ def _interleave(runs: dict, warmup: int, repeats: int, min_seconds: float, bar) 
 
 
 def _rows(times: dict, runtime: str, device: str, batch: int) -> list:
+    """A row per model of times (name -> seconds of each round, the first model
+    the reference); the speed-up is the median of the per-round ratios."""
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    reference = next(iter(medians.values()))
+    reference = np.asarray(next(iter(times.values())))
     return [{"model": name, "runtime": runtime, "device": device, "batch": batch,
              "median_ms": medians[name] * 1e3, "p90_ms": float(np.percentile(t, 90)) * 1e3,
-             "images_per_s": batch / medians[name], "speedup": reference / medians[name],
+             "images_per_s": batch / medians[name], "speedup": float(np.median(reference / np.asarray(t))),
              "repeats": len(t)} for name, t in times.items()]
 
 

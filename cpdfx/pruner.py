@@ -37,7 +37,7 @@ from .report import REPORT, build_report
 from .solve import plan, score
 
 SCHEDULES = ("geometric", "linear")
-ROUNDS = 4  # solve-and-measure rounds of a latency budget's last step (see to_latency)
+ROUNDS = 6  # solve-and-measure rounds of a latency budget's last step (see to_latency)
 
 
 def schedule(target: float, steps: int, kind: str = "geometric") -> list[float]:
@@ -122,18 +122,19 @@ class Pruner:
                   score(self.criterion, self.gm, self.comb, self.example_inputs, self.calibration, self.loss_fn))
         rules = replace(self.rules, original_sizes=original_sizes(self.original, self.gm, self.comb))
         options = dict(importance=self.criterion, rules=rules, scores=scores)
-        latency_model = None
+        latency_model, tried = None, None
         if latency is None:
             chosen = plan(self.gm, self.comb, self.example_inputs, target, **options)
             slim = eliminate(self.gm, self.comb, chosen.keep)
         else:
-            slim, chosen, self.latency_share, latency_model = self._to_latency(target, latency, options)
+            slim, chosen, self.latency_share, tried, latency_model = self._to_latency(target, latency, options)
         self.keeps.append(_plain_keep(chosen.keep))
         if optimizer is not None:
             slice_optimizer(optimizer, self.gm, slim, kept_indices(self.comb, chosen.keep))
         self.history.append({"step": self.steps_done + 1, "macs": chosen.after.macs / self.base.macs,
                              "params": chosen.after.params / self.base.params,
-                             **({"latency": self.latency_share} if latency is not None else {})})
+                             **({"latency": self.latency_share} if latency is not None else {}),
+                             **({"rounds": [list(pair) for pair in tried]} if tried else {})})
         slim.meta[REPORT] = build_report(self.original, slim, self.comb, chosen, self.criterion,
                                          self.target, self.example_inputs, latency_model,
                                          original_sizes=rules.original_sizes)
@@ -154,18 +155,19 @@ class Pruner:
                                          full_ms=self.measured.full_ms * self.latency_share, **self.latency_options)
             last = self.steps_done == len(self.targets) - 1
             try:
-                slim, chosen, share = to_latency(self.gm, self.comb, self.example_inputs, target, latency,
-                                                 self.measured, latency_model, options, rounds=ROUNDS if last else 1)
-                result = (chosen, share)
+                slim, chosen, share, tried = to_latency(self.gm, self.comb, self.example_inputs, target, latency,
+                                                        self.measured, latency_model, options,
+                                                        rounds=ROUNDS if last else 1)
+                result = (chosen, share, tried)
             except BudgetError as err:
                 result = err  # raised on every rank, not left waiting for a plan
         result = from_main(result)
         if isinstance(result, BudgetError):
             raise result
-        chosen, share = result
+        chosen, share, tried = result
         if slim is None:  # rank 0's plan, applied here
             slim = eliminate(self.gm, self.comb, chosen.keep)
-        return slim, chosen, share, latency_model
+        return slim, chosen, share, tried, latency_model
 
     # -- resuming: a pruned structure re-created from the keep sets of the steps done --
 
@@ -213,15 +215,15 @@ class Pruner:
 
 
 def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: Measured, latency_model,
-               plan_options: dict, rounds: int = ROUNDS, slack: float = 0.02):
+               plan_options: dict, rounds: int = ROUNDS, slack: float = 0.03):
     """Solve to `target` on the latency tables, time the result in onnxruntime
     (`measured.share`: a share of the original's latency), and solve again with
     the target corrected by what was measured (the tables miss what layers
-    share: caches, fused ops, the untabled rest): first scaled by goal /
-    measured, then along the secant of the last two (asked, measured) pairs,
-    up to `rounds` times; returns (slim, plan, measured share), the closest to
-    `goal` that is not over it by more than `slack`. With rounds=1, the one
-    result whatever it measured.
+    share: caches, fused ops, the untabled rest; see _next_ask), up to
+    `rounds` times or until a share lands within `slack` (a fraction of
+    `goal`) of it. Returns (slim, plan, measured share, tried): the result
+    closest to `goal` that is not over it by more than `slack`, and every
+    (asked, measured) pair. With rounds=1, the one result whatever it measured.
     Where the tables say the target is out of reach, the smallest model they
     allow is measured all the same: they overrate what is fixed in a small
     model (every op alone pays onnxruntime's per-run overhead)."""
@@ -236,11 +238,11 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
             break  # the correction asked for more than the constraints allow
         slim = eliminate(gm, comb, chosen.keep)
         share = measured.share(slim)
-        if rounds == 1 or share <= goal + slack and (best is None or share > best[2]):
-            best = (slim, chosen, share)
-        if abs(share - goal) <= slack or smallest and share > goal:
-            break
         tried.append((asked, share))
+        if rounds == 1 or share <= goal * (1 + slack) and (best is None or share > best[2]):
+            best = (slim, chosen, share)
+        if abs(share - goal) <= slack * goal or smallest and share > goal:
+            break
         asked = _next_ask(tried, goal, slack)
     if best is None and smallest:
         rules = plan_options.get("rules") or Constraints()
@@ -252,19 +254,29 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
         raise BudgetError(f"latency={goal:g} was not reached: after {rounds} rounds the pruned model still runs "
                           f"at {share:.0%} of the original's time in onnxruntime; ask for a larger share, or add "
                           f"a macs= target")
-    return best
+    return (*best, tried)
 
 
 def _next_ask(tried: list, goal: float, slack: float) -> float:
-    """The latency to ask the tables for next: on the secant through the last
-    two (asked, measured) pairs when it rises and they measured far enough
-    apart for its slope to be more than noise (and no lower than half what
-    scaling alone asks); else asked scaled by goal / measured."""
+    """The latency to ask the tables for next, from the (asked, measured) pairs
+    so far. Once one ask measured under `goal` and a larger one over it, by
+    false position between the closest two, kept off their ends: the plan is
+    a step function of the ask (a block more or less of some layer), so a
+    line through two pairs on one side can jump past the bracket. Before, on
+    the secant through the last two pairs when it rises and they measured
+    further apart than `slack` (a fraction of goal: closer is noise), no
+    lower than half what scaling alone asks; else asked scaled by goal /
+    measured."""
+    under = [pair for pair in tried if pair[1] < goal]
+    over = [pair for pair in tried if pair[1] > goal]
+    if under and over and max(under)[0] < min(over)[0]:
+        (a, s), (b, t) = max(under), min(over)
+        return a + (b - a) * min(0.8, max(0.2, (goal - s) / (t - s)))
     b, t = tried[-1]
     scaled = b * goal / t
     if len(tried) > 1:
         a, s = tried[-2]
-        if b != a and abs(t - s) > slack and (t - s) / (b - a) > 0:
+        if b != a and abs(t - s) > slack * goal and (t - s) / (b - a) > 0:
             return min(1.0, max(b + (goal - t) * (b - a) / (t - s), scaled / 2))
     return min(1.0, scaled)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cpdfx.bench import BenchResult, bench
+from cpdfx.bench import BenchResult, _rows, bench
 from cpdfx.export import export_onnx
 
 FIELDS = {"model", "runtime", "device", "batch", "median_ms", "p90_ms", "images_per_s", "speedup", "repeats"}
@@ -36,6 +36,17 @@ def test_rows_have_every_field_and_sane_values(result):
             assert r["speedup"] == 1.0
     assert result.machine["threads"] == 1 and result.machine["cores"] >= 1
     assert "CPUExecutionProvider" in result.machine["providers"] and result.machine["cpu"]
+
+
+def test_the_speedup_is_the_median_of_each_rounds_ratio():
+    """Three rounds: in the second the slim model alone hits a spike, in the
+    third the machine runs both 3x slow. Its ratio to the reference in the
+    same round is 2, 0.67 and 2: the speed-up is 2, where the ratio of the two
+    medians (the reference's from a fast round, the slim one's from a slow
+    one) says 0.67."""
+    rows = _rows({"original": [0.002, 0.002, 0.006], "slim": [0.001, 0.003, 0.003]}, "onnxruntime", "cpu", 8)
+    assert [r["speedup"] for r in rows] == [1.0, 2.0]
+    assert rows[0]["median_ms"] == pytest.approx(2.0) and rows[1]["median_ms"] == pytest.approx(3.0)
 
 
 def test_markdown_has_a_row_per_model_and_batch(result):

@@ -9,6 +9,7 @@ from helpers import fake_onnxruntime
 
 import cpdfx
 import cpdfx.latency as latency
+import cpdfx.pruner as pruner
 from cpdfx import passes
 from cpdfx.budget import Constraints, Target
 from cpdfx.models import MODELS
@@ -52,12 +53,14 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
 
 
 def test_latency_budget_that_cannot_be_met_says_so(monkeypatch):
-    """Every pruned model measures 95%: after its rounds the correction gives
+    """Every pruned model measures 95%: after its rounds (three here, before
+    the asks reach the smallest model the tables allow) the correction gives
     up with a BudgetError that says what it measured. The tables are made
     deterministic (a layer costs its input width), so the path does not hang
     on this machine's timings."""
     fake_onnxruntime(monkeypatch, [0.95] * 10)
-    with pytest.raises(cpdfx.BudgetError, match="latency=0.7 was not reached: after 4 rounds .* at 95%"):
+    monkeypatch.setattr(pruner, "ROUNDS", 3)
+    with pytest.raises(cpdfx.BudgetError, match="latency=0.7 was not reached: after 3 rounds .* at 95%"):
         cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
                     latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
 
@@ -217,6 +220,25 @@ def test_the_correction_follows_the_secant_of_what_it_measured(monkeypatch):
     assert asked[:2] == [a, pytest.approx(b)]
     assert asked[2] == pytest.approx(b + (0.7 - 0.78) * (b - a) / (0.78 - 0.85))
     assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.70
+
+
+def test_once_the_target_is_bracketed_the_correction_stays_inside(monkeypatch):
+    """0.85 for 0.7, then 0.60 under it: the target lies between those asks.
+    A third ask measures 0.62, under again; the fourth is by false position
+    between (third, 0.62) and (first, 0.85), where scaling the third (its
+    pair too close to the second's for a secant) would ask past the first,
+    whose plan already measured over. Every pair is in the report."""
+    asked = fake_onnxruntime(monkeypatch, [0.85, 0.60, 0.62, 0.70])
+    slim = cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
+                       latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
+    a, b = 0.7, 0.7 * 0.7 / 0.85
+    c = b + (a - b) * (0.7 - 0.60) / (0.85 - 0.60)
+    assert asked[:3] == [a, pytest.approx(b), pytest.approx(c)]
+    assert asked[3] == pytest.approx(c + (a - c) * (0.7 - 0.62) / (0.85 - 0.62))
+    assert asked[3] < a < c * 0.7 / 0.62
+    report = slim.meta["cpdfx_report"]
+    assert report["achieved"]["latency"] == 0.70
+    assert report["steps"][-1]["rounds"] == [[x, pytest.approx(y)] for x, y in zip(asked, [0.85, 0.60, 0.62, 0.70])]
 
 
 def test_tables_that_see_no_time_to_save_fall_back_to_the_macs(monkeypatch):
