@@ -4,7 +4,8 @@ in onnxruntime (`latency=1/speedup`, timed at the batch asked), beside cpdfx
 `macs=` at the MACs the latency budget reached (default alignment) and
 Torch-Pruning (group L2, round_to = the channel block) at the same MACs. Every
 model of one architecture and batch is exported and timed side by side,
-interleaved, in one run.
+interleaved, in one run, and the run repeated in fresh sessions (--samples;
+the median kept, as the latency budget's own measurement does).
 
     python benchmarks/speedup.py                                  # all five, batch 8 and 1
     python benchmarks/speedup.py --models resnet --batches 8     # one architecture
@@ -24,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import cpdfx
@@ -91,15 +93,16 @@ def run(name, args, out: Path, block: int) -> tuple[list, dict]:
                 paths[label] = cpdfx.export_onnx(slim, x, folder / f"v{len(paths)}.onnx")
                 print(f"  {NAMES[name]} batch {batch} {label}: {info[label]['macs']:.1%} MACs, "
                       f"{info[label]['params']:.1%} params, {seconds:.0f} s", flush=True)
-        result = cpdfx.bench(paths, (3, size, size), batch_sizes=(batch,), repeats=args.repeats,
-                             providers=["CPUExecutionProvider"], progress=False)
-        for r in result.rows:
-            rows.append({"model": NAMES[name], "batch": batch, "variant": r["model"], **info[r["model"]],
-                         "median_ms": r["median_ms"], "speedup": r["speedup"]})
+        results = [cpdfx.bench(paths, (3, size, size), batch_sizes=(batch,), repeats=args.repeats,
+                               providers=["CPUExecutionProvider"], progress=False) for _ in range(args.samples)]
+        for same in zip(*(result.rows for result in results)):  # one model's row from each sample
+            rows.append({"model": NAMES[name], "batch": batch, "variant": same[0]["model"], **info[same[0]["model"]],
+                         "median_ms": float(np.median([r["median_ms"] for r in same])),
+                         "speedup": float(np.median([r["speedup"] for r in same]))})
         for label, row in info.items():
             if "error" in row:
                 rows.append({"model": NAMES[name], "batch": batch, "variant": label, **row})
-    return rows, result.machine
+    return rows, results[0].machine
 
 
 def markdown(rows) -> str:
@@ -125,6 +128,8 @@ def main():
     parser.add_argument("--targets", default="1.5,2,3", help="speed-ups to ask for (default 1.5,2,3)")
     parser.add_argument("--batches", default="8,1", help="batch sizes (default 8,1)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=3,
+                        help="separate interleaved runs per architecture and batch, their median kept (default 3)")
     parser.add_argument("--quick", action="store_true", help="64x64 inputs, to try the script")
     parser.add_argument("--out", default=None, help="folder for the ONNX files and rows.json")
     args = parser.parse_args()
@@ -141,8 +146,9 @@ def main():
         (out / "rows.json").write_text(json.dumps(rows, indent=1))
     print("\n" + markdown(rows))
     print(f"\n{machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']} (CPU), torch "
-          f"{machine['torch']}, channel block {block}; median of at least {args.repeats} interleaved runs (and "
-          f"a second of them) per architecture and batch; files in {out}")
+          f"{machine['torch']}, channel block {block}; per architecture and batch, the median of {args.samples} "
+          f"runs in fresh sessions, each the median of at least {args.repeats} interleaved rounds (and a second); "
+          f"files in {out}")
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ def _interleave(runs: dict, warmup: int, repeats: int, min_seconds: float, bar) 
             run()
             last[name] = time.perf_counter() - start
             bar.update()
-    rounds = max(repeats, math.ceil(min_seconds / sum(last.values()))) if last and sum(last.values()) else repeats
+    warm = sum(last.values())
+    rounds = max(repeats, math.ceil(min_seconds / warm)) if warm else repeats
     if rounds > repeats:
         bar.total += (rounds - repeats) * len(runs)
     names = list(runs)

@@ -2,6 +2,7 @@
 correction loop. No assertion here depends on how fast anything ran: timing
 claims live in benchmarks/."""
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,6 +170,23 @@ def test_latency_budget_ranks_importance_per_unit_of_time():
     chosen = plan(gm, comb, x, Target(latency=0.6), importance="l1", rules=Constraints(round_to=1),
                   latency_model=Tables(slow=second, fast=first))
     assert chosen.counts.get(first.id, 16) >= 15 and chosen.counts[second.id] <= 9
+
+
+def test_measured_share_is_the_median_of_separate_sessions(monkeypatch):
+    """Three pairs of fresh sessions measure x2.0, x1.0 (a stray one) and
+    x2.1: the share is 1 / 2.0, and each pair was timed for the minimum asked."""
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    measured = latency.Measured(gm, x, batch=2, repeats=2, min_seconds=0.5)
+    speedups, calls = iter([2.0, 1.0, 2.1]), []
+
+    def fake_bench(models, shape, **kwargs):
+        calls.append((list(models), kwargs["min_seconds"], kwargs["batch_sizes"]))
+        return SimpleNamespace(rows=[{"speedup": 1.0}, {"speedup": next(speedups)}])
+
+    monkeypatch.setattr(latency, "bench", fake_bench)
+    assert measured.share(gm) == pytest.approx(0.5)
+    assert calls == [(["original", "slim"], 0.5, (2,))] * 3
 
 
 def test_measured_takes_a_one_tuple_and_refuses_two_inputs():
