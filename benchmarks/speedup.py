@@ -89,7 +89,7 @@ def run(name, args, out: Path, block: int) -> tuple[list, dict]:
                 info[label] = {"macs": cost.macs / base.macs, "params": cost.params / base.params,
                                "seconds": seconds, "asked": target,
                                "in_prune": report.get("achieved", {}).get("latency"),
-                               "rounds": len(report["steps"][-1].get("rounds", [])) if report.get("steps") else 0}
+                               "rounds": report["steps"][-1].get("rounds", []) if report.get("steps") else []}
                 paths[label] = cpdfx.export_onnx(slim, x, folder / f"v{len(paths)}.onnx")
                 print(f"  {NAMES[name]} batch {batch} {label}: {info[label]['macs']:.1%} MACs, "
                       f"{info[label]['params']:.1%} params, {seconds:.0f} s", flush=True)
@@ -116,7 +116,7 @@ def markdown(rows) -> str:
                          f"{r['seconds']:.0f} |")
             continue
         asked = f"x{r['asked']:g}" if r["asked"] and r["variant"].startswith("cpdfx speedup") else ""
-        own = f"x{1 / r['in_prune']:.2f} ({r['rounds']})" if r.get("in_prune") else ""
+        own = f"x{1 / r['in_prune']:.2f} ({len(r['rounds'])})" if r.get("in_prune") else ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {asked} | x{r['speedup']:.2f} | {own} | "
                      f"{r['macs']:.1%} | {r['params']:.1%} | {r['median_ms']:.1f} | {r['seconds']:.0f} |")
     return "\n".join(lines)

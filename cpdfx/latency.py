@@ -342,7 +342,7 @@ class Measured:
     sessions. The example input is one tensor, alone or as a 1-tuple."""
 
     def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, runtime: str = "cpu",
-                 repeats: int = 20, min_seconds: float = 1.5, samples: int = 3):
+                 repeats: int = 10, min_seconds: float = 1.5, samples: int = 3):
         inputs = as_tuple(example_inputs)
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             raise ValueError(f"a latency budget times the model in onnxruntime on one input tensor; this model "
