@@ -36,7 +36,8 @@ class BenchResult:
     """rows: one dict per model, runtime ("onnxruntime" or "torch"), device
     ("cpu" or "cuda") and batch size, with median_ms, p90_ms, images_per_s,
     speedup (against the first model of the same runtime, device and batch:
-    the median over the rounds of its time over this model's) and repeats. machine: what it ran on. models: name -> ONNX path."""
+    the median over the rounds of its time over this model's) and repeats.
+    machine: what it ran on. models: name -> ONNX path."""
     rows: list = field(default_factory=list)
     machine: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)
