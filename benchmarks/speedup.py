@@ -25,7 +25,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import cpdfx
@@ -93,16 +92,16 @@ def run(name, args, out: Path, block: int) -> tuple[list, dict]:
                 paths[label] = cpdfx.export_onnx(slim, x, folder / f"v{len(paths)}.onnx")
                 print(f"  {NAMES[name]} batch {batch} {label}: {info[label]['macs']:.1%} MACs, "
                       f"{info[label]['params']:.1%} params, {seconds:.0f} s", flush=True)
-        results = [cpdfx.bench(paths, (3, size, size), batch_sizes=(batch,), repeats=args.repeats,
-                               providers=["CPUExecutionProvider"], progress=False) for _ in range(args.samples)]
-        for same in zip(*(result.rows for result in results)):  # one model's row from each sample
-            rows.append({"model": NAMES[name], "batch": batch, "variant": same[0]["model"], **info[same[0]["model"]],
-                         "median_ms": float(np.median([r["median_ms"] for r in same])),
-                         "speedup": float(np.median([r["speedup"] for r in same]))})
+        result = cpdfx.bench(paths, (3, size, size), batch_sizes=(batch,), repeats=args.repeats,
+                             max_seconds=args.max_seconds, samples=args.samples,
+                             providers=["CPUExecutionProvider"], progress=False)
+        for r in result.rows:
+            rows.append({"model": NAMES[name], "batch": batch, "variant": r["model"], **info[r["model"]],
+                         "median_ms": r["median_ms"], "speedup": r["speedup"], "repeats": r["repeats"]})
         for label, row in info.items():
             if "error" in row:
                 rows.append({"model": NAMES[name], "batch": batch, "variant": label, **row})
-    return rows, results[0].machine
+    return rows, result.machine
 
 
 def markdown(rows) -> str:
@@ -127,7 +126,9 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--targets", default="1.5,2,3", help="speed-ups to ask for (default 1.5,2,3)")
     parser.add_argument("--batches", default="8,1", help="batch sizes (default 8,1)")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved rounds per sample (default 20)")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="fewer rounds (3 at least) where --repeats would take longer (default 60)")
     parser.add_argument("--samples", type=int, default=3,
                         help="separate interleaved runs per architecture and batch, their median kept (default 3)")
     parser.add_argument("--quick", action="store_true", help="64x64 inputs, to try the script")
@@ -147,7 +148,8 @@ def main():
     print("\n" + markdown(rows))
     print(f"\n{machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']} (CPU), torch "
           f"{machine['torch']}, channel block {block}; per architecture and batch, the median of {args.samples} "
-          f"runs in fresh sessions, each the median of at least {args.repeats} interleaved rounds (and a second); "
+          f"runs in fresh sessions, each the median of {min(r.get('repeats', 0) for r in rows if 'error' not in r)} or "
+          f"more interleaved rounds; "
           f"files in {out}")
 
 

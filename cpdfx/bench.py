@@ -36,7 +36,8 @@ class BenchResult:
     """rows: one dict per model, runtime ("onnxruntime" or "torch"), device
     ("cpu" or "cuda") and batch size, with median_ms, p90_ms, images_per_s,
     speedup (against the first model of the same runtime, device and batch:
-    the median over the rounds of its time over this model's) and repeats.
+    the median over the rounds of its time over this model's), repeats (timed
+    rounds) and samples (separate timings, each number their median).
     machine: what it ran on. models: name -> ONNX path."""
     rows: list = field(default_factory=list)
     machine: dict = field(default_factory=dict)
@@ -62,8 +63,14 @@ class BenchResult:
         m = self.machine
         lines.append(f"\n{m['cpu']}, {m['cores']} cores, {m['threads'] or 'default'} threads; "
                      f"onnxruntime {m['onnxruntime']} ({', '.join(m['providers'])}), torch {m['torch']}; "
-                     f"median of {min(r['repeats'] for r in self.rows) if self.rows else 0} or more interleaved runs.")
+                     f"{self._counts()}.")
         return "\n".join(lines)
+
+    def _counts(self) -> str:
+        repeats = min((r["repeats"] for r in self.rows), default=0)
+        samples = max((r.get("samples", 1) for r in self.rows), default=1)  # older files have no samples
+        runs = f"median of {repeats} or more interleaved runs"
+        return runs if samples == 1 else f"{runs}, then the median of {samples} such timings in fresh sessions"
 
     def plot(self, path, macs: dict | None = None, accuracy: dict | None = None, metric: str = "top-1") -> str:
         """A PNG of bars: the median latency of each model, one panel per
@@ -116,7 +123,8 @@ def _bars(ax, labels, values, fmt: str, title: str, ylabel: str, top=None) -> No
 
 def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | None = None,
           providers=None, warmup: int = 5, repeats: int = 30, min_seconds: float = 1.0,
-          torch_models: dict | None = None, progress: bool = True) -> BenchResult:
+          max_seconds: float | None = None, samples: int = 1, torch_models: dict | None = None,
+          progress: bool = True) -> BenchResult:
     """Time ONNX models with onnxruntime: models maps names to ONNX paths, the
     first is the reference for the speed-ups.
 
@@ -129,9 +137,16 @@ def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | N
     torch has it; they are copied, not changed. repeats: timed rounds (one run
     of each model) at least, and more where they would take under
     min_seconds in all (as timeit's autorange): a 3 ms model timed 30 times
-    gives a median that moves by 5-10% between two runs."""
+    gives a median that moves by 5-10% between two runs. max_seconds: fewer
+    rounds (3 at least) where `repeats` would take longer, for models that
+    run for seconds. samples: the whole timing done that many times, each in
+    fresh sessions, and each row's median over them kept (a session's own
+    placement, its memory and its threads' cores, moves its times by a few
+    percent, which longer runs of the same session do not average out)."""
     if not models:
         raise ValueError("bench needs at least one ONNX model: models={name: path}")
+    if samples < 1:
+        raise ValueError(f"samples={samples}: bench times each model in at least one sample")
     available = ort.get_available_providers()
     providers = list(providers or [CPU] + ([CUDA] if CUDA in available else []))
     missing = [p for p in providers if p not in available]
@@ -141,18 +156,18 @@ def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | N
     devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if torch_models else []
     rank = _input_rank(next(iter(models.values())))
     groups = len(batch_sizes) * (len(providers) * len(models) + len(devices) * len(torch_models))
-    bar = tqdm(total=groups * (warmup + repeats), desc="bench", unit="run", disable=not progress)
+    bar = tqdm(total=samples * groups * (warmup + repeats), desc="bench", unit="run", disable=not progress)
+    rounds = dict(warmup=warmup, repeats=repeats, min_seconds=min_seconds, max_seconds=max_seconds, bar=bar)
     rows = []
     with torch_threads(threads):
         for batch in batch_sizes:
             x = _batch(inputs_or_shape, batch, rank)
             for provider in providers:
-                runs = {name: _ort_run(path, x, provider, threads) for name, path in models.items()}
-                rows += _rows(_interleave(runs, warmup, repeats, min_seconds, bar), "onnxruntime",
-                              "cuda" if provider == CUDA else "cpu", batch)
+                sessions = lambda: {name: _ort_run(path, x, provider, threads) for name, path in models.items()}
+                rows += _sampled(sessions, samples, rounds, "onnxruntime", "cuda" if provider == CUDA else "cpu", batch)
             for device in devices:
-                runs = {name: _torch_run(m, x, device) for name, m in torch_models.items()}
-                rows += _rows(_interleave(runs, warmup, repeats, min_seconds, bar), "torch", device, batch)
+                runs = lambda: {name: _torch_run(m, x, device) for name, m in torch_models.items()}
+                rows += _sampled(runs, samples, rounds, "torch", device, batch)
     bar.close()
     return BenchResult(rows, _machine(providers, threads), {k: str(v) for k, v in models.items()})
 
@@ -203,10 +218,11 @@ def _torch_run(model, x, device):
     return run
 
 
-def _interleave(runs: dict, warmup: int, repeats: int, min_seconds: float, bar) -> dict:
+def _interleave(runs: dict, warmup: int, repeats: int, min_seconds: float, max_seconds: float | None,
+                bar) -> dict:
     """Seconds per run of each model: warm-up runs, then rounds round-robin,
-    each starting at the next model so none always follows the same one:
-    `repeats` rounds, or as many as the warm-up says fill min_seconds."""
+    each starting at the next model so none always follows the same one, as
+    many as _round_count says."""
     last = {}
     for name, run in runs.items():
         for _ in range(warmup):
@@ -214,10 +230,8 @@ def _interleave(runs: dict, warmup: int, repeats: int, min_seconds: float, bar) 
             run()
             last[name] = time.perf_counter() - start
             bar.update()
-    warm = sum(last.values())
-    rounds = max(repeats, math.ceil(min_seconds / warm)) if warm else repeats
-    if rounds > repeats:
-        bar.total += (rounds - repeats) * len(runs)
+    rounds = _round_count(sum(last.values()), repeats, min_seconds, max_seconds)
+    bar.total += (rounds - repeats) * len(runs)
     names = list(runs)
     times = {name: [] for name in names}
     for r in range(rounds):
@@ -227,6 +241,38 @@ def _interleave(runs: dict, warmup: int, repeats: int, min_seconds: float, bar) 
             times[name].append(time.perf_counter() - start)
             bar.update()
     return times
+
+
+def _round_count(warm: float, repeats: int, min_seconds: float, max_seconds: float | None) -> int:
+    """Rounds for models whose round took `warm` seconds in the warm-up:
+    `repeats`, more to fill min_seconds, fewer (3 at least) to stay within
+    max_seconds. Without a warm-up to go by, `repeats`."""
+    if not warm:
+        return repeats
+    rounds = max(repeats, math.ceil(min_seconds / warm))
+    if max_seconds is not None:
+        rounds = min(rounds, max(3, math.floor(max_seconds / warm)))
+    return rounds
+
+
+def _sampled(make_runs, samples: int, rounds: dict, runtime: str, device: str, batch: int) -> list:
+    """The rows of `samples` interleaved timings, each of fresh runs from
+    make_runs(), as one (see _median_rows)."""
+    return _median_rows([_rows(_interleave(make_runs(), **rounds), runtime, device, batch) for _ in range(samples)])
+
+
+def _median_rows(samples: list) -> list:
+    """The rows of several timings of the same models (one list of rows per
+    sample) as one: each time and speed-up the median over the samples,
+    repeats the fewest rounds a sample had."""
+    out = []
+    for same in zip(*samples):
+        row = {**same[0], **{key: float(np.median([r[key] for r in same]))
+                             for key in ("median_ms", "p90_ms", "speedup")}}
+        row.update(images_per_s=row["batch"] / row["median_ms"] * 1e3, repeats=min(r["repeats"] for r in same),
+                   samples=len(same))
+        out.append(row)
+    return out
 
 
 def _rows(times: dict, runtime: str, device: str, batch: int) -> list:

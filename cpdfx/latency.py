@@ -334,7 +334,8 @@ class Measured:
     """The whole model in onnxruntime: its latency, and a slim version's as a
     share of it, timed against it in interleaved runs (see cpdfx.bench), in
     `samples` pairs of fresh sessions of at least `repeats` rounds and
-    `min_seconds` each. The correction loop of a latency budget steers by this
+    `min_seconds` each, and fewer rounds (3 at least) where those would pass
+    `max_seconds`, for models that run for seconds. The correction loop of a latency budget steers by this
     share and stops where it lands near the target, so one stray measurement
     stops it short; a session's own placement (its memory, its threads'
     cores) moves its times by a few percent, which longer runs of the same
@@ -342,14 +343,14 @@ class Measured:
     sessions. The example input is one tensor, alone or as a 1-tuple."""
 
     def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, runtime: str = "cpu",
-                 repeats: int = 10, min_seconds: float = 1.5, samples: int = 3):
+                 repeats: int = 10, min_seconds: float = 1.5, max_seconds: float = 10.0, samples: int = 3):
         inputs = as_tuple(example_inputs)
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             raise ValueError(f"a latency budget times the model in onnxruntime on one input tensor; this model "
                              f"takes {len(inputs)} input(s): give a macs= or params= budget instead")
         self.folder = tempfile.TemporaryDirectory(prefix="cpdfx-latency-")
         self.example_inputs, self.batch, self.threads, self.repeats = example_inputs, batch, threads, repeats
-        self.min_seconds, self.samples = min_seconds, samples
+        self.seconds, self.samples = {"min_seconds": min_seconds, "max_seconds": max_seconds}, samples
         self.provider = provider(runtime)
         self.original = export_onnx(gm, example_inputs, Path(self.folder.name) / "original.onnx")
         self.shape = tuple(inputs[0].shape[1:])
@@ -360,8 +361,7 @@ class Measured:
         """slim's latency over the original's: the median, over the samples,
         of the per-round ratio in interleaved runs."""
         path = export_onnx(slim, self.example_inputs, Path(self.folder.name) / "slim.onnx")
-        speedups = [bench({"original": self.original, "slim": path}, self.shape, batch_sizes=(self.batch,),
-                          threads=self.threads, providers=[self.provider], warmup=3, repeats=self.repeats,
-                          min_seconds=self.min_seconds, progress=False).rows[1]["speedup"]
-                    for _ in range(self.samples)]
-        return 1.0 / float(np.median(speedups))
+        timing = bench({"original": self.original, "slim": path}, self.shape, batch_sizes=(self.batch,),
+                       threads=self.threads, providers=[self.provider], warmup=3, repeats=self.repeats,
+                       samples=self.samples, progress=False, **self.seconds)
+        return 1.0 / timing.rows[1]["speedup"]

@@ -1,13 +1,18 @@
 """bench: interleaved onnxruntime (and torch) timings, table, plot and JSON.
 Timings are only checked for sanity: this runs on shared CI machines."""
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
 
-from cpdfx.bench import BenchResult, _rows, bench
+from cpdfx.bench import BenchResult, _median_rows, _round_count, _rows, bench
 from cpdfx.export import export_onnx
 
-FIELDS = {"model", "runtime", "device", "batch", "median_ms", "p90_ms", "images_per_s", "speedup", "repeats"}
+bench_module = importlib.import_module("cpdfx.bench")  # the module: the attribute cpdfx.bench is the function
+
+FIELDS = {"model", "runtime", "device", "batch", "median_ms", "p90_ms", "images_per_s", "speedup", "repeats",
+          "samples"}
 
 
 def tiny(width):
@@ -29,7 +34,7 @@ def test_rows_have_every_field_and_sane_values(result):
         ("onnxruntime", 4, "wide"), ("onnxruntime", 4, "narrow"), ("torch", 4, "wide")]
     for r in result.rows:
         assert set(r) == FIELDS
-        assert r["device"] == "cpu" and r["repeats"] == 3
+        assert r["device"] == "cpu" and r["repeats"] == 3 and r["samples"] == 1
         assert 0 < r["median_ms"] <= r["p90_ms"] and r["speedup"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
         if r["model"] == "wide":  # the reference of its runtime and batch
@@ -47,6 +52,37 @@ def test_the_speedup_is_the_median_of_each_rounds_ratio():
     rows = _rows({"original": [0.002, 0.002, 0.006], "slim": [0.001, 0.003, 0.003]}, "onnxruntime", "cpu", 8)
     assert [r["speedup"] for r in rows] == [1.0, 2.0]
     assert rows[0]["median_ms"] == pytest.approx(2.0) and rows[1]["median_ms"] == pytest.approx(3.0)
+
+
+def test_samples_keep_the_median_of_each_number():
+    """Three timings of the same pair: the second a stray one (x1.0 where the
+    others say x2.0 and x2.1). Each number is the median of the three, and the
+    fewest rounds a timing had is reported."""
+    samples = [_rows({"original": [0.004] * n, "slim": [0.004 / s] * n}, "onnxruntime", "cpu", 8)
+               for s, n in [(2.0, 10), (1.0, 12), (2.1, 11)]]
+    rows = _median_rows(samples)
+    assert [r["speedup"] for r in rows] == [1.0, pytest.approx(2.0)]
+    assert rows[1]["median_ms"] == pytest.approx(2.0) and rows[1]["images_per_s"] == pytest.approx(4000)
+    assert [(r["repeats"], r["samples"]) for r in rows] == [(10, 3), (10, 3)]
+
+
+def test_each_sample_times_fresh_sessions(result, monkeypatch):
+    opened = []
+    real = bench_module._ort_run
+    monkeypatch.setattr(bench_module, "_ort_run", lambda path, *a: opened.append(path) or real(path, *a))
+    rows = bench(result.models, (3, 8, 8), batch_sizes=(1,), threads=1, warmup=1, repeats=3, min_seconds=0,
+                 samples=2, progress=False).rows
+    assert sorted(opened) == sorted([*result.models.values()] * 2)
+    assert [(r["repeats"], r["samples"]) for r in rows] == [(3, 2), (3, 2)]
+    assert "median of 2 such timings in fresh sessions" in BenchResult(rows, result.machine).markdown()
+
+
+def test_round_count_fills_min_seconds_and_caps_at_max_seconds():
+    assert _round_count(0.01, 10, 1.5, None) == 150  # fast: more rounds to fill 1.5 s
+    assert _round_count(0.5, 10, 1.0, None) == 10  # repeats already fill it
+    assert _round_count(2.0, 10, 1.5, 10.0) == 5  # slow: what fits in 10 s
+    assert _round_count(6.0, 10, 1.5, 10.0) == 3  # never under 3
+    assert _round_count(0.0, 7, 1.5, 10.0) == 7  # no warm-up to go by
 
 
 def test_markdown_has_a_row_per_model_and_batch(result):

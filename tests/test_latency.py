@@ -172,21 +172,23 @@ def test_latency_budget_ranks_importance_per_unit_of_time():
     assert chosen.counts.get(first.id, 16) >= 15 and chosen.counts[second.id] <= 9
 
 
-def test_measured_share_is_the_median_of_separate_sessions(monkeypatch):
-    """Three pairs of fresh sessions measure x2.0, x1.0 (a stray one) and
-    x2.1: the share is 1 / 2.0, and each pair was timed for the minimum asked."""
+def test_measured_share_is_timed_in_separate_sessions(monkeypatch):
+    """The share is one over the slim model's speed-up in a bench of the pair,
+    in three samples of fresh sessions (their median: see test_bench), each
+    timed for the minimum asked and at most 10 s."""
     x = torch.randn(2, 3, 8, 8)
     gm = cpdfx.capture(TwinConvs().eval(), x)
     measured = latency.Measured(gm, x, batch=2, repeats=2, min_seconds=0.5)
-    speedups, calls = iter([2.0, 1.0, 2.1]), []
+    calls = []
 
     def fake_bench(models, shape, **kwargs):
-        calls.append((list(models), kwargs["min_seconds"], kwargs["batch_sizes"]))
-        return SimpleNamespace(rows=[{"speedup": 1.0}, {"speedup": next(speedups)}])
+        calls.append((list(models), kwargs["batch_sizes"], kwargs["samples"], kwargs["min_seconds"],
+                      kwargs["max_seconds"]))
+        return SimpleNamespace(rows=[{"speedup": 1.0}, {"speedup": 2.0}])
 
     monkeypatch.setattr(latency, "bench", fake_bench)
     assert measured.share(gm) == pytest.approx(0.5)
-    assert calls == [(["original", "slim"], 0.5, (2,))] * 3
+    assert calls == [(["original", "slim"], (2,), 3, 0.5, 10.0)]
 
 
 def test_measured_takes_a_one_tuple_and_refuses_two_inputs():
