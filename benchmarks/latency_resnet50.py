@@ -93,7 +93,7 @@ def main():
     batches = tuple(int(b) for b in args.batches.split(","))
     result = cpdfx.bench(paths, (3, size, size), batch_sizes=batches, repeats=args.repeats)
     result.to_json(out / "bench.json")
-    print(f"\n| model | MACs | params | " + " | ".join(f"batch {b} ms | speed-up" for b in batches) + " |")
+    print("\n| model | MACs | params | " + " | ".join(f"batch {b} ms | speed-up" for b in batches) + " |")
     print("|---|---:|---:|" + "---:|---:|" * len(batches))
     for name in paths:
         cells = []

@@ -1,5 +1,4 @@
 """transformers vision models from small configs: pruned to 50% MACs."""
-import numpy as np
 import pytest
 import torch
 from torch.utils import _pytree as pytree
