@@ -268,7 +268,7 @@ def cmd_bench(args) -> None:
     first = next(iter(models.values()))
     shape = parse_shape(args.input_shape)[1:] if args.input_shape else _onnx_shape(protos[0], first)
     result = bench(models, shape, batch_sizes=_ints(args.batch_sizes), threads=args.threads, repeats=args.repeats,
-                   min_seconds=args.min_seconds)
+                   min_seconds=args.min_seconds, samples=args.samples)
     print(result.markdown())
     if args.out:
         result.to_json(args.out)
@@ -455,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30, help="timed rounds at least (default 30)")
     p.add_argument("--min-seconds", type=float, default=1.0,
                    help="and more rounds where those take less, per batch size (default 1.0)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="time everything this many times in fresh sessions and keep each median (default 1)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG plot here")
     p.set_defaults(run=cmd_bench, outputs={"out": FILE, "plot": FILE})

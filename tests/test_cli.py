@@ -40,11 +40,11 @@ def test_prune_export_bench_chain(tmp_path):
         assert result.returncode == 0, result.stderr
     onnx.checker.check_model(str(tmp_path / "slim.onnx"))
     result = run("bench", f"original={tmp_path / 'original.onnx'}", f"slim={tmp_path / 'slim.onnx'}",
-                 "--batch-sizes", "2", "--repeats", "3", "--min-seconds", "0", "--out", str(tmp_path / "bench.json"))
+                 "--batch-sizes", "2", "--repeats", "3", "--min-seconds", "0", "--samples", "2", "--out", str(tmp_path / "bench.json"))
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["original", "slim"] and rows[0]["speedup"] == 1.0
-    assert [r["repeats"] for r in rows] == [3, 3]  # no more rounds than asked where none are wanted
+    assert [(r["repeats"], r["samples"]) for r in rows] == [(3, 2)] * 2  # no more rounds than asked
     assert "| slim | onnxruntime | cpu | 2 |" in result.stdout
 
 
