@@ -58,6 +58,11 @@ def prune_variants(model, x, target: float, batch: int, block: int):
         peer = torch_pruning(model, x, macs, block)
         if peer is None:
             raise RuntimeError(f"its ratio search found no pruning ratio that reaches {macs:.1%} of the MACs")
+        try:
+            with torch.no_grad():
+                peer(x)
+        except Exception as err:
+            raise RuntimeError(f"its pruned model no longer runs in torch: {err}") from err
         out.append((f"Torch-Pruning macs={macs:.3f}, round_to={block}", peer, time.perf_counter() - start))
     except Exception as err:  # the peer fails on some architectures; the row says how
         out.append((f"Torch-Pruning macs={macs:.3f}, round_to={block}", err, time.perf_counter() - start))

@@ -261,6 +261,20 @@ def test_once_the_target_is_bracketed_the_correction_stays_inside(monkeypatch):
     assert report["steps"][-1]["rounds"] == [[x, pytest.approx(y)] for x, y in zip(asked, [0.85, 0.60, 0.62, 0.70])]
 
 
+@pytest.mark.parametrize("second, kept", [(0.73, 0.73), (0.76, 0.55)])
+def test_the_result_kept_is_the_closest_not_over_by_more_than_7_percent(monkeypatch, second, kept):
+    """Two rounds, neither within 3% of 0.7: 0.55 (x1.82 for x1.43: 27%
+    faster than asked) and then 0.73 (4% slower), which is kept as the closer;
+    0.76 (9% slower) is not kept, however close."""
+    fake_onnxruntime(monkeypatch, [0.55, second])
+    monkeypatch.setattr(pruner, "ROUNDS", 2)
+    slim = cpdfx.prune(MODELS["resnet"](widths=(32, 64, 128)).eval(), torch.randn(2, 3, 16, 16), latency=0.7,
+                       latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
+    report = slim.meta["cpdfx_report"]
+    assert [share for _, share in report["steps"][-1]["rounds"]] == [0.55, second]
+    assert report["achieved"]["latency"] == kept
+
+
 def test_tables_that_see_no_time_to_save_fall_back_to_the_macs(monkeypatch):
     """Every table point costs the same (layers at or under one block): the
     step is solved at the same share of the MACs and the measurement judges."""
