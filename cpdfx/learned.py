@@ -10,7 +10,6 @@ channels by the Fisher criterion of the gated network. See
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -204,14 +203,15 @@ class LearnedCallback(PruneCallback):
             gate = self.student.gates[f"g{gid}"]
             self.loss_grads[gid] = torch.zeros_like(gate) if gate.grad is None else gate.grad.detach().clone()
             gate.grad = None
-            mask = (gate.detach() * self.loss_grads[gid]).double().cpu().numpy() ** 2
-            self.fisher[gid] = FISHER_DECAY * self.fisher.get(gid, 0.0) + (1 - FISHER_DECAY) * mask
+            mask = (gate.detach() * self.loss_grads[gid]).double() ** 2  # on the gate's device: no sync per step
+            before = self.fisher.get(gid, torch.zeros_like(mask)).to(mask.device)
+            self.fisher[gid] = FISHER_DECAY * before + (1 - FISHER_DECAY) * mask
 
     def scores(self) -> dict:
         """The gated channels' Fisher (see GateScores), bias-corrected like
         Adam's moments, so the first batches count in full."""
         steps = max(self.seen, 1)
-        return {gid: f / (1 - FISHER_DECAY ** steps) for gid, f in self.fisher.items()}
+        return {gid: f.cpu().numpy() / (1 - FISHER_DECAY ** steps) for gid, f in self.fisher.items()}
 
     def sparsity(self) -> torch.Tensor:
         """The penalty: per group, its cost weight x the sum of |gate| / the
@@ -236,10 +236,10 @@ class LearnedCallback(PruneCallback):
         cross zero stops at zero."""
         if not self.loss_grads:
             return
-        squares = torch.cat([v.reshape(-1) for v in self.loss_grads.values()]).pow(2).mean().item()
+        squares = torch.cat([v.reshape(-1) for v in self.loss_grads.values()]).double().pow(2).mean()
         self.seen += 1
-        self.scale = 0.99 * self.scale + 0.01 * squares
-        unit = math.sqrt(self.scale / (1 - 0.99 ** self.seen)) + 1e-30
+        self.scale = 0.99 * self.scale + 0.01 * squares  # a tensor on the gates' device, read back only when saved
+        unit = (self.scale / (1 - 0.99 ** self.seen)).sqrt() + 1e-30
         free = [self.student.gates[f"g{gid}"] for gid in self.free_ids]
         with torch.enable_grad():
             sparse = dict(zip(self.free_ids, torch.autograd.grad(self.sparsity(), free))) if free else {}
@@ -316,14 +316,14 @@ class LearnedCallback(PruneCallback):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "penalty": self.penalty, "weights": dict(self.weights),
-                "trace": list(self.trace), "met_at": self.met_at, "scale": self.scale, "seen": self.seen,
+                "trace": list(self.trace), "met_at": self.met_at, "scale": float(self.scale), "seen": self.seen,
                 "fisher": {gid: f.tolist() for gid, f in self.fisher.items()}}
 
     def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module:
         self.penalty, self.weights = state["penalty"], {int(k): v for k, v in state["weights"].items()}
         self.trace, self.met_at = list(state["trace"]), state["met_at"]
         self.scale, self.seen = state["scale"], state["seen"]
-        self.fisher = {int(gid): np.asarray(f, dtype=np.float64) for gid, f in state["fisher"].items()}
+        self.fisher = {int(gid): torch.tensor(f, dtype=torch.float64) for gid, f in state["fisher"].items()}
         return super().load_state_dict(state, student)  # the slim graph once cut, else the gated student
 
 
