@@ -335,12 +335,13 @@ class Measured:
     share of it, timed against it in interleaved runs (see cpdfx.bench), in
     `samples` pairs of fresh sessions of at least `repeats` rounds and
     `min_seconds` each, and fewer rounds (3 at least) where those would pass
-    `max_seconds`, for models that run for seconds. The correction loop of a latency budget steers by this
-    share and stops where it lands near the target, so one stray measurement
-    stops it short; a session's own placement (its memory, its threads'
-    cores) moves its times by a few percent, which longer runs of the same
-    session do not average out, so the share is the median of separate
-    sessions. The example input is one tensor, alone or as a 1-tuple."""
+    `max_seconds`, for models that run for seconds. The correction loop of a
+    latency budget steers by this share and stops where it lands near the
+    target, so one stray measurement stops it short; a session's own
+    placement (its memory, its threads' cores) moves its times by a few
+    percent, which longer runs of the same session do not average out, so
+    the share is the median of separate sessions. The example input is one
+    tensor, alone or as a 1-tuple."""
 
     def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, runtime: str = "cpu",
                  repeats: int = 10, min_seconds: float = 1.5, max_seconds: float = 10.0, samples: int = 3):

@@ -10,7 +10,6 @@ channels by the Fisher criterion of the gated network. See
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.fx as fx
