@@ -100,7 +100,9 @@ class LatencyModel:
         self.cache = _Cache(cache, self.block, threads, self.provider)
         self._measure(progress)
         self.cache.save()
-        self.tables = {layer.key: self._table(layer) for layer in self.layers}
+        # a table per configuration and widths: layers of one configuration (a ViT's qkv, fc1 and fc2 are
+        # all "linear/m197") share the timed points, but each reads them on its own grid
+        self.tables = {(layer.key, layer.full): self._table(layer) for layer in self.layers}
         layers_ms = sum(self._layer_ms(layer, {}) for layer in self.layers)
         self.ms_per_mac = layers_ms / max(self._macs(layer_terms, {}), 1)
         tabled = layers_ms + self._other_ms({})
@@ -116,7 +118,7 @@ class LatencyModel:
         return concrete(self.spaces.new_size(space, sizes), self.values)
 
     def _layer_ms(self, layer: Layer, sizes: dict) -> float:
-        grid, table = self.tables[layer.key]
+        grid, table = self.tables[layer.key, layer.full]
         point = [_round_up(self._size(s, sizes), self.block) for s in layer.spaces]
         return float(_interpolate(grid, table, point))
 

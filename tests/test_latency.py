@@ -4,6 +4,7 @@ claims live in benchmarks/."""
 import warnings
 from types import SimpleNamespace
 
+import onnx
 import pytest
 import torch
 from helpers import fake_onnxruntime
@@ -40,6 +41,36 @@ def test_tables_are_cached_and_estimates_follow_the_block(vgg, tmp_path, monkeyp
     assert model({wide.id: 17}) == pytest.approx(model({wide.id: 32}))  # one block of 16 costs the same
     fresh = latency.LatencyModel(gm, comb, x, batch=2, block=16, cache=False, progress=False, full_ms=1e6)
     assert timed and fresh() == pytest.approx(1e6)  # scaled to the measured whole
+
+
+def test_layers_of_one_configuration_each_read_their_own_widths(monkeypatch):
+    """fc1 (16 -> 64) and fc2 (64 -> 16) run on the same tokens, so their
+    tables share a key and timed points; a layer costs in x out channels. The
+    estimate is 2 x 16 x 64, and 2 x 16 x 32 with the hidden layer halved;
+    when the two shared one grid, fc1 was read on fc2's, its 64 outputs
+    clamped to 16: 16 x 16, a quarter of its time."""
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    def in_times_out(model, shape, *args, spread=False, **kwargs):  # and the reference conv alike
+        weight = next(i for i in onnx.load_from_string(model).graph.initializer if len(i.dims) >= 2)
+        ms = float(weight.dims[0] * weight.dims[1])
+        return (ms, 0.0) if spread else ms
+
+    monkeypatch.setattr(latency, "time_onnx", in_times_out)
+    x = torch.randn(2, 10, 16)
+    gm = cpdfx.capture(MLP().eval(), x)
+    comb = passes.comb(gm)
+    model = latency.LatencyModel(gm, comb, x, batch=2, block=8, cache=False, progress=False)
+    assert len({layer.key for layer in model.layers}) == 1 and len(model.layers) == 2
+    hidden = next(g for g in comb.prunable if g.size == 64)
+    assert model() == pytest.approx(2 * 16 * 64)
+    assert model({hidden.id: 32}) == pytest.approx(2 * 16 * 32)
 
 
 def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
