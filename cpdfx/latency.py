@@ -26,10 +26,13 @@ this machine rather than from MACs:
 Tables are cached per machine (CPU or GPU, cores, threads, provider,
 onnxruntime version) in $CPDFX_CACHE (default ~/.cache/cpdfx), so each point
 is measured once; but only points timed on a quiet machine. A point whose runs
-spread more than `NOISY` is timed again, and a reference layer is timed before
-and after the tables: if it ran more than `DRIFT` slower or faster at the end,
-something else used the machine meanwhile, and the new points serve this run
-only (a warning says so) instead of becoming the machine's truth.
+spread more than `NOISY` is timed again; so is one out of line with its
+neighbours on the grid (a burst of load can slow all of a point's runs alike,
+which their spread does not show), and the faster timing kept. A reference
+layer is timed before and after the tables: if it ran more than `DRIFT`
+slower or faster at the end, something else used the machine meanwhile, and
+the new points serve this run only (a warning says so) instead of becoming
+the machine's truth.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ from .runtime import channel_block, provider
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)  # shares of a layer's width the tables are timed at
 NOISY = 0.15  # a point whose runs spread more than this (interquartile range / median) is timed again
 DRIFT = 0.15  # the reference layer this much slower or faster after the tables: the machine was busy
+OUT_OF_LINE = 1.3  # a new point this many times what its grid neighbours bound it by is timed again
 
 
 @dataclass
@@ -166,12 +170,37 @@ class LatencyModel:
             if spread > NOISY:
                 ms, spread = min((ms, spread), time_point(model, shape), key=lambda t: t[1])
             self.cache.put(key, point, ms, trusted=spread <= NOISY)
+        for (key, point), layer in self._out_of_line(todo).items():
+            ms, spread = time_point(*layer.build(point))
+            if ms < self.cache.get(key, point):
+                self.cache.put(key, point, ms, trusted=spread <= NOISY)
         after = _reference_ms(time_point)
         if abs(after / before - 1) > DRIFT:
             self.cache.distrust()
             warnings.warn(f"the machine was busy while the latency tables were timed (a reference layer took "
                           f"{before:.2f} ms before and {after:.2f} ms after): their {len(todo)} new points "
                           f"serve this run and are not cached; time them on a quiet machine", stacklevel=3)
+
+    def _out_of_line(self, new: dict) -> dict:
+        """The new points that took more than OUT_OF_LINE times the median of
+        the bounds their grid neighbours set: a neighbour with more channels
+        bounds a point by its own time (fewer channels are no slower), one
+        with fewer by its time per channel product (more channels are no
+        slower per MAC). A real cliff (a width the kernels handle badly) is
+        timed again, found slow again and kept; a point slowed by a burst of
+        load is not."""
+        out = {}
+        for layer in self.layers:
+            grid = [self._grid(n) for n in layer.full]
+            for point in _points(grid):
+                if (layer.key, point) not in new or (layer.key, point) in out:
+                    continue
+                ms = self.cache.get(layer.key, point)
+                bounds = [self.cache.get(layer.key, q) * max(1.0, math.prod(point) / math.prod(q))
+                          for q in _neighbours(grid, point)]
+                if bounds and ms > OUT_OF_LINE * float(np.median(bounds)):
+                    out[layer.key, point] = layer
+        return out
 
     def _table(self, layer: Layer):
         grid = [np.array(self._grid(n)) for n in layer.full]
@@ -181,6 +210,15 @@ class LatencyModel:
 
 def _points(grid):
     return [tuple(int(v) for v in p) for p in np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, len(grid))]
+
+
+def _neighbours(grid, point):
+    """The grid points one step from point along one axis."""
+    for axis, values in enumerate(grid):
+        i = values.index(point[axis])
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(values):
+                yield point[:axis] + (values[j],) + point[axis + 1:]
 
 
 def _round_up(n: int, block: int) -> int:
@@ -294,7 +332,7 @@ class _Cache:
     def __init__(self, folder, block, threads, provider_name):
         machine = _machine([provider_name], threads)
         device = machine["cuda"] if provider_name == "CUDAExecutionProvider" else machine["cpu"]
-        ident = json.dumps([device, machine["cores"], threads, block, provider_name, ort.__version__, 3])
+        ident = json.dumps([device, machine["cores"], threads, block, provider_name, ort.__version__, 4])
         self.path = None
         if folder is not False:
             folder = Path(folder or cache_dir())
@@ -315,7 +353,9 @@ class _Cache:
         k = _point_key(key, point)
         self.points[k] = ms
         self.new.add(k)
-        if not trusted:
+        if trusted:
+            self.untrusted.discard(k)
+        else:
             self.untrusted.add(k)
 
     def distrust(self):
