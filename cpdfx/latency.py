@@ -25,18 +25,20 @@ this machine rather than from MACs:
 
 Tables are cached per machine (CPU or GPU, cores, threads, provider,
 onnxruntime version) in $CPDFX_CACHE (default ~/.cache/cpdfx), so each point
-is measured once; but only points timed on a quiet machine. One onnxruntime session of a one-op
-model can run it at half its speed throughout (seen on a 2-core VM: the
-768x768 linear of ViT-B/16 at 10 or 19 ps per MAC, session by session; the
-same layers in the whole model show no such cliff), so each point is timed in
-`SESSIONS` fresh sessions and the fastest kept. A point whose runs
-spread more than `NOISY` is timed again; so is one out of line with its
-neighbours on the grid (a burst of load can slow all of a point's runs alike,
-which their spread does not show), and the faster timing kept. A reference
-layer is timed before and after the tables: if it ran more than `DRIFT`
-slower or faster at the end, something else used the machine meanwhile, and
-the new points serve this run only (a warning says so) instead of becoming
-the machine's truth.
+is measured once; but only points timed on a quiet machine:
+- one onnxruntime session of a one-op model can run it at half its speed
+  throughout (on a 2-core VM, ViT-B/16's 768x768 linear ran at 10 or 19 ps
+  per MAC, session by session; the same layers in the whole model show no
+  such cliff), so each point is timed in `SESSIONS` fresh sessions and the
+  fastest kept;
+- a point whose runs spread more than `NOISY` is timed again, and so is one
+  out of line with its grid neighbours (`OUT_OF_LINE`: a burst of load can
+  slow all of a point's runs alike, which their spread does not show), the
+  faster timing kept;
+- a reference layer is timed before and after the tables: if it ran more
+  than `DRIFT` slower or faster at the end, something else used the machine
+  meanwhile, and the new points serve this run only (a warning says so)
+  instead of becoming the machine's truth.
 """
 from __future__ import annotations
 
@@ -339,6 +341,8 @@ class _Cache:
     def __init__(self, folder, block, threads, provider_name):
         machine = _machine([provider_name], threads)
         device = machine["cuda"] if provider_name == "CUDAExecutionProvider" else machine["cpu"]
+        # the last item is the format: 5 since points are timed in SESSIONS sessions and checked against their
+        # neighbours, so points cached before are timed again
         ident = json.dumps([device, machine["cores"], threads, block, provider_name, ort.__version__, 5])
         self.path = None
         if folder is not False:
