@@ -156,7 +156,8 @@ class LatencyModel:
 
     def _measure(self, progress: bool) -> None:
         """Time every table point that is not in the cache yet, each point
-        once however many layers share it; noisy points again (see NOISY and
+        once however many layers share it, in SESSIONS sessions; noisy points
+        and points out of line again (see SESSIONS, NOISY, OUT_OF_LINE and
         DRIFT in the module docstring)."""
         todo = {}
         for layer in self.layers:
