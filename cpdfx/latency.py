@@ -16,12 +16,22 @@ this machine rather than from MACs:
   share their points;
 - other MAC-counted ops (grouped convs, attention, matmuls) cost their MACs at
   the time per MAC the tabled layers run at;
-- the sum is scaled to the measured full model: what is not tabled (norms,
-  activations, adds, pooling) mostly fuses into the layers or scales with
-  their widths, and a layer in the model runs slower than alone (its weights
-  are not in cache: ResNet-50 at 64x64 runs at a third of its tables' speed),
-  neither of which a constant would say. `prune(latency=)` then measures the
-  result to correct what the scaling misses.
+- the sum is scaled to the measured full model: a layer in the model runs
+  slower than alone (its weights are not in cache: ResNet-50 at 64x64 runs at
+  a third of its tables' speed), which no constant would say;
+- what is not tabled (norms, activations, adds, softmax, permutes, pooling:
+  the entries of the op table with `latency="elements"`) either fuses into
+  the layers, and so follows their time, or runs on its own, in time that
+  follows its element count: linear in the channels where the layers' MACs
+  are quadratic, so a model cut deep keeps more of it than the tables say
+  (ConvNeXt-T with every width halved: 26% of the MACs, 33-35% of the time).
+  Which of the two it does depends on onnxruntime's fusions, so the share of
+  the time that follows element counts (`elementwise`) is not guessed but
+  fitted to measured pruned models (`calibrate`): `prune(latency=)` solves
+  its first plan on the tables alone, fits the share to each result it
+  measures, and solves again on the fitted model (ConvNeXt-T at batch 1,
+  x3: the first plan measured 0.45 of the time for 0.33 asked, the next,
+  on the fitted model, 0.345).
 
 Tables are cached per machine (CPU or GPU, cores, threads, provider,
 onnxruntime version) in $CPDFX_CACHE (default ~/.cache/cpdfx), so each point
@@ -71,6 +81,7 @@ NOISY = 0.15  # a point whose runs spread more than this (interquartile range / 
 DRIFT = 0.15  # the reference layer this much slower or faster after the tables: the machine was busy
 SESSIONS = 2  # fresh onnxruntime sessions per table point, the fastest kept (see the module docstring)
 OUT_OF_LINE = 1.3  # a new point this many times what its grid neighbours bound it by is timed again
+MAX_ELEMENTWISE = 0.8  # the most of a model's time `LatencyModel.calibrate` puts on element counts
 
 
 @dataclass
@@ -90,16 +101,19 @@ class LatencyModel:
     provider timed; block: the channel block (default the runtime's);
     repeats: timed runs per session of a table point (median kept);
     full_ms: the measured latency of the whole graph at this batch, when the
-    caller has it (prune measures it); cache: a folder, or False."""
+    caller has it (prune measures it); elementwise: the share of it that
+    follows element counts, when known (see `calibrate`); cache: a folder,
+    or False."""
 
     def __init__(self, gm, comb, example_inputs=None, *, batch: int = 8, threads: int | None = None,
                  runtime: str = "cpu", block: int | None = None, repeats: int = 7, full_ms: float | None = None,
-                 cache=None, progress: bool = True):
+                 elementwise: float = 0.0, cache=None, progress: bool = True):
         self.spaces, self.batch, self.threads, self.repeats = comb.spaces, batch, threads, repeats
         self.provider = provider(runtime)
         self.block = block or channel_block(runtime)
         self.values = {s: batch for s in batch_values(gm, example_inputs)}  # every symbolic size is the batch
         self.layers, layer_terms, self.other_terms = [], [], []
+        self.element_terms = [term for node in gm.graph.nodes if (term := _element_term(node, comb, self.values))]
         for node, terms in mac_terms_by_node(gm):
             layer = self._layer(node, comb)
             spaces = [[comb.node_dims[n.name][d] for n, d in term] for term in terms]
@@ -116,14 +130,40 @@ class LatencyModel:
         self.tables = {(layer.key, layer.full): self._table(layer) for layer in self.layers}
         layers_ms = sum(self._layer_ms(layer, {}) for layer in self.layers)
         self.ms_per_mac = layers_ms / max(self._macs(layer_terms, {}), 1)
-        tabled = layers_ms + self._other_ms({})
-        self.scale = full_ms / tabled if full_ms and tabled > 0 else 1.0
+        self.tabled = layers_ms + self._other_ms({})
+        self.elements = self._macs(self.element_terms, {})
+        self.scale = full_ms / self.tabled if full_ms and self.tabled > 0 else 1.0
+        self.elementwise = elementwise  # the share of the full model's time that follows element counts
 
     # -- the estimate ------------------------------------------------------------------
 
     def __call__(self, sizes: dict | None = None) -> float:
-        sizes = sizes or {}
-        return self.scale * (sum(self._layer_ms(layer, sizes) for layer in self.layers) + self._other_ms(sizes))
+        tabled, elements = self._laws(sizes or {})
+        return self.scale * self.tabled * ((1 - self.elementwise) * tabled + self.elementwise * elements)
+
+    def _laws(self, sizes: dict) -> tuple[float, float]:
+        """What the tables say and what the element counts say, each as a
+        share of its value for the full model."""
+        tabled = sum(self._layer_ms(layer, sizes) for layer in self.layers) + self._other_ms(sizes)
+        return tabled / max(self.tabled, 1e-12), self._macs(self.element_terms, sizes) / max(self.elements, 1)
+
+    def calibrate(self, measured: list) -> float:
+        """Fit `elementwise` to measured (sizes, share of the full model's
+        time) pairs by least squares, within [0, MAX_ELEMENTWISE]; pairs at
+        which the two laws agree say nothing and are skipped. Returns it."""
+        laws = [(*self._laws(sizes), share) for sizes, share in measured]
+        apart = [(t, e, share) for t, e, share in laws if e - t > 0.02]
+        if apart:
+            fit = sum((share - t) * (e - t) for t, e, share in apart) / sum((e - t) ** 2 for t, e, _ in apart)
+            self.elementwise = float(np.clip(fit, 0.0, MAX_ELEMENTWISE))
+        return self.elementwise
+
+    def elementwise_at(self, sizes: dict) -> float:
+        """The share of the model at `sizes`' time that follows element
+        counts: the `elementwise` of a latency model of the pruned graph."""
+        tabled, elements = self._laws(sizes)
+        part = self.elementwise * elements
+        return part / max((1 - self.elementwise) * tabled + part, 1e-12)
 
     def _size(self, space, sizes) -> int:
         return concrete(self.spaces.new_size(space, sizes), self.values)
@@ -257,6 +297,25 @@ def _reference_ms(time_point) -> float:
     before and after the tables."""
     model, shape = _conv_onnx(1, 64, 64, 1, (3, 3), [1, 1], [1, 1], [1, 1], (56, 56))
     return float(np.median([time_point(model, shape)[0] for _ in range(6)][1:]))
+
+
+def _element_term(node, comb, values) -> list | None:
+    """The spaces of the largest tensor an op priced by element count reads
+    or writes (its op-table entry says `latency="elements"`), or None."""
+    entry = OPS.get(node.target) if node.op == "call_function" else None
+    if entry is None or entry.latency != "elements":
+        return None
+    tensors = [t for t in (node, *node.all_input_nodes)
+               if isinstance(t.meta.get("val"), torch.Tensor) and _flat(comb.node_dims.get(t.name))]
+    if not tensors:
+        return None
+    largest = max(tensors, key=lambda t: math.prod(concrete(s if isinstance(s, int) else s.node.expr, values)
+                                                   for s in t.meta["val"].shape))
+    return list(comb.node_dims[largest.name])
+
+
+def _flat(dims) -> bool:
+    return dims is not None and not any(isinstance(d, list) for d in dims)
 
 
 def _conv_layer(node, comb, batch) -> Layer | None:

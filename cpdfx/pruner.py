@@ -90,6 +90,7 @@ class Pruner:
         self.keeps: list[dict] = []  # each step's keep set, in the comb it was applied to (see replay)
         self.latency_options = {"runtime": self.rules.runtime, **(latency_options or {})}
         self.measured = self.latency_share = None
+        self.elementwise = 0.0  # the latency model's elementwise share for the current graph (LatencyModel.calibrate)
         if latency is not None:  # the original, timed in onnxruntime: what every step's latency is a share of
             options = self.latency_options
             if is_main():  # one process times, and tells the others what it chose (see step)
@@ -135,7 +136,8 @@ class Pruner:
             slice_optimizer(optimizer, self.gm, slim, kept_indices(self.comb, chosen.keep))
         self.history.append({"step": self.steps_done + 1, "macs": chosen.after.macs / self.base.macs,
                              "params": chosen.after.params / self.base.params,
-                             **({"latency": self.latency_share} if latency is not None else {}),
+                             **({"latency": self.latency_share, "elementwise": self.elementwise}
+                                if latency is not None else {}),
                              **({"rounds": [list(pair) for pair in tried]} if tried else {})})
         slim.meta[REPORT] = build_report(self.original, slim, self.comb, chosen, self.criterion,
                                          self.target, self.example_inputs, latency_model,
@@ -153,7 +155,7 @@ class Pruner:
         under torch.distributed, whose plan every rank then applies."""
         result = latency_model = slim = None
         if is_main():
-            latency_model = LatencyModel(self.gm, self.comb, self.example_inputs,
+            latency_model = LatencyModel(self.gm, self.comb, self.example_inputs, elementwise=self.elementwise,
                                          full_ms=self.measured.full_ms * self.latency_share, **self.latency_options)
             last = self.steps_done == len(self.targets) - 1
             try:
@@ -161,6 +163,7 @@ class Pruner:
                                                         self.measured, latency_model, options,
                                                         rounds=ROUNDS if last else 1)
                 result = (chosen, share, tried)
+                self.elementwise = latency_model.elementwise_at(chosen.counts)  # what the next step starts from
             except BudgetError as err:
                 result = err  # raised on every rank, not left waiting for a plan
         result = from_main(result)
@@ -198,6 +201,7 @@ class Pruner:
         self.history = [dict(h) for h in state["history"]]
         if self.latency_share is not None and self.history:
             self.latency_share = self.history[-1]["latency"]  # what the next step's latency target is relative to
+            self.elementwise = self.history[-1].get("elementwise", 0.0)
         if state.get("report") is not None and self.steps_done:
             self.gm.meta[REPORT] = state["report"]
         _load_criterion_state(self.criterion, state.get("criterion"))
@@ -219,20 +223,24 @@ class Pruner:
 def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: Measured, latency_model,
                plan_options: dict, rounds: int = ROUNDS, slack: float = 0.03, accept: float = ACCEPT):
     """Solve to `target` on the latency tables, time the result in onnxruntime
-    (`measured.share`: a share of the original's latency), and solve again with
-    the target corrected by what was measured (the tables miss what layers
-    share: caches, fused ops, the untabled rest; see _next_ask), up to
-    `rounds` times or until a share lands within `slack` (a fraction of
-    `goal`) of it. Returns (slim, plan, measured share, tried): of the results
-    not over `goal` by more than `accept`, the one closest to it as a ratio,
-    and every (asked, measured) pair. A speed-up 5% short is closer to what was
-    asked than one 25% past it, which pays in accuracy for speed nobody asked
-    for; and two fresh measurements of one model differ by 3-5% here anyway.
-    With rounds=1, the one result whatever it measured.
+    (`measured.share`: a share of the original's latency), fit the latency
+    model's elementwise share to every result timed so far
+    (`LatencyModel.calibrate`), and solve again on the fitted model with the
+    target corrected by what was measured (the tables also miss what layers
+    share: caches, fused ops; see _next_ask), up to `rounds` times or until a
+    share lands within `slack` (a fraction of `goal`) of it. Returns (slim,
+    plan, measured share, tried): of the results not over `goal` by more than
+    `accept`, the one closest to it as a ratio, and every (asked, measured)
+    pair. A speed-up 5% short is closer to what was asked than one 25% past
+    it, which pays in accuracy for speed nobody asked for; and two fresh
+    measurements of one model differ by 3-5% here anyway. With rounds=1, the
+    one result whatever it measured.
     Where the tables say the target is out of reach, the smallest model they
     allow is measured all the same: they overrate what is fixed in a small
     model (every op alone pays onnxruntime's per-run overhead)."""
     asked, best, share, smallest, tried = target.latency, None, None, False, []
+    current = goal / target.latency  # the graph's own time as a share of the original's
+    timed = []  # (counts, measured share of the graph's own time, asked, the plan's price when asked)
     for round_ in range(rounds):
         try:
             chosen, smallest = _plan_within_tables(gm, comb, example_inputs, replace(target, latency=asked),
@@ -244,12 +252,17 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
         slim = eliminate(gm, comb, chosen.keep)
         share = measured.share(slim)
         tried.append((asked, share))
+        timed.append((chosen.counts, share / current, asked, latency_model(chosen.counts)))
+        latency_model.calibrate([(counts, own) for counts, own, _, _ in timed])
         closer = best is None or _miss(share, goal) < _miss(best[2], goal)
         if rounds == 1 or share <= goal * (1 + accept) and closer:
             best = (slim, chosen, share)
         if abs(share - goal) <= slack * goal or smallest and share > goal:
             break
-        asked = _next_ask(tried, goal, slack)
+        # each ask re-priced by how much the refit changed the price of its plan, so that the pairs agree with
+        # the model the next plan is solved on
+        asked = _next_ask([(a * latency_model(counts) / price, own * current) for counts, own, a, price in timed],
+                          goal, slack)
     if best is None and smallest:
         rules = plan_options.get("rules") or Constraints()
         raise BudgetError(f"latency={goal:g} (x{1 / goal:.2f}) cannot be reached: the smallest model the "

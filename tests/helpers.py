@@ -77,13 +77,17 @@ def width_timer(model, shape, *args, spread=False, **kwargs):
     return (ms, 0.0) if spread else ms
 
 
-def fake_onnxruntime(monkeypatch, shares) -> list:
+def fake_onnxruntime(monkeypatch, shares, calibrate: bool = False) -> list:
     """onnxruntime replaced: the tables cost a layer its input width, and the
     pruned models measure `shares` in turn (the original is unknown: the
-    tables alone). Returns the latency each plan was asked for, filled as
-    pruning runs."""
+    tables alone). Unless `calibrate`, the latency model keeps its
+    elementwise share (no refit), so that the asks follow from the shares
+    alone. Returns the latency each plan was asked for, filled as pruning
+    runs."""
     shares, asked = iter(shares), []
     monkeypatch.setattr(latency, "time_onnx", width_timer)
+    if not calibrate:
+        monkeypatch.setattr(latency.LatencyModel, "calibrate", lambda self, measured: self.elementwise)
 
     class FakeMeasured:
         full_ms = 0.0

@@ -21,8 +21,9 @@ def comb_channel_norm(node, cx):
 # batch_norm(..., training, momentum, ...): set_mode flips `training`; batch-norm
 # re-estimation runs it in training mode with momentum 1 to read each batch's statistics.
 op("batch_norm", mode=("training", False), scale="weight", running_stats=("running_mean", "running_var", "momentum"),
+   latency="elements", reads=CHANNEL_NORM)(comb_channel_norm)
+op("instance_norm", "_native_batch_norm_legit_no_training", scale="weight", latency="elements",
    reads=CHANNEL_NORM)(comb_channel_norm)
-op("instance_norm", "_native_batch_norm_legit_no_training", scale="weight", reads=CHANNEL_NORM)(comb_channel_norm)
 
 
 def rewrite_layer_norm(node, rx):
@@ -31,7 +32,7 @@ def rewrite_layer_norm(node, rx):
     set_arg(node, "normalized_shape", [rx.new_size(d) for d in xd[-k:]])
 
 
-@op("layer_norm", rewrite=rewrite_layer_norm, scale="weight", reads=("input", "normalized_shape", "weight", "bias"))
+@op("layer_norm", rewrite=rewrite_layer_norm, scale="weight", latency="elements", reads=("input", "normalized_shape", "weight", "bias"))
 def comb_layer_norm(node, cx):
     """Statistics over the last k dims. As in every structured pruner, removing
     channels there changes the statistics the kept channels see."""
@@ -49,7 +50,7 @@ def rewrite_group_norm(node, rx):
         set_arg(node, "num_groups", rx.new_size(rx.dims(arg(node, "input"))[1]) // rx.new_size(per_group))
 
 
-@op("group_norm", rewrite=rewrite_group_norm, scale="weight", reads=("input", "num_groups", "weight", "bias"))
+@op("group_norm", rewrite=rewrite_group_norm, scale="weight", latency="elements", reads=("input", "num_groups", "weight", "bias"))
 def comb_group_norm(node, cx):
     """Channels = groups x channels per group; whole groups, or the same
     channels of every group, can go."""

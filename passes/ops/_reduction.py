@@ -31,8 +31,8 @@ def reduce(dim_name=None):
 
 op("mean.dim", "sum.dim_IntList", "amax", "amin", "max.dim", "min.dim", "var.correction", "var.dim",
    "std.correction", "std.dim", "linalg_vector_norm", "norm.ScalarOpt_dim", "logsumexp", "prod.dim_int",
-   "argmax", "argmin", "any.dim", "all.dim", reads=("dim",))(reduce("dim"))
-op("mean.default", "sum.default")(reduce())
+   "argmax", "argmin", "any.dim", "all.dim", latency="elements", reads=("dim",))(reduce("dim"))
+op("mean.default", "sum.default", latency="elements")(reduce())
 
 
 def along(name):
@@ -54,5 +54,5 @@ def along(name):
 
 
 op("softmax.int", "_softmax", "log_softmax.int", "_log_softmax", "cumsum", "cumprod", "sort", "topk",
-   reads=("dim",))(along("dim"))
-op("flip", "roll", reads=("dims",))(along("dims"))
+   latency="elements", reads=("dim",))(along("dim"))
+op("flip", "roll", latency="elements", reads=("dims",))(along("dims"))

@@ -1,4 +1,7 @@
-"""Layout ops: permutes, reshapes, expands, and cutting or joining tensors."""
+"""Layout ops: permutes, reshapes, expands, and cutting or joining tensors.
+
+Permutes, repeats and joins copy their data in an exported model, so the
+latency model prices them by element count; views and slices do not."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +14,7 @@ aten = torch.ops.aten
 
 # -- permutes -------------------------------------------------------------------------------
 
-@op("permute", reads=("dims",))
+@op("permute", latency="elements", reads=("dims",))
 def comb_permute(node, cx):
     xd, out = cx.dims(node.args[0]), cx.dims(node)
     cx.unify_all(out, [xd[dim_index(p, len(xd))] for p in arg(node, "dims")])
@@ -29,8 +32,8 @@ def swap(first=None, second=None):
     return comb
 
 
-op("transpose.int", reads=("dim0", "dim1"))(swap("dim0", "dim1"))
-op("swapaxes", reads=("axis0", "axis1"))(swap("axis0", "axis1"))
+op("transpose.int", latency="elements", reads=("dim0", "dim1"))(swap("dim0", "dim1"))
+op("swapaxes", latency="elements", reads=("axis0", "axis1"))(swap("axis0", "axis1"))
 op("t", "numpy_T")(swap())
 
 
@@ -130,7 +133,7 @@ def comb_expand_as(node, cx):
     cx.unify_all(out, cx.dims(arg(node, "other")))
 
 
-@op("repeat", reads=("repeats",))
+@op("repeat", latency="elements", reads=("repeats",))
 def comb_repeat(node, cx):
     xd, out = cx.dims(node.args[0]), cx.dims(node)
     repeats = arg(node, "repeats")
@@ -145,7 +148,7 @@ def comb_repeat(node, cx):
 
 # -- joining and cutting ----------------------------------------------------------------------
 
-@op("cat", reads=("tensors", "dim"))
+@op("cat", latency="elements", reads=("tensors", "dim"))
 def comb_cat(node, cx):
     out = cx.dims(node)
     dim = dim_index(arg(node, "dim"), len(out))
@@ -156,7 +159,7 @@ def comb_cat(node, cx):
         cx.unify_all(out[:dim] + out[dim + 1:], p[:dim] + p[dim + 1:])
 
 
-@op("stack", reads=("tensors", "dim"))
+@op("stack", latency="elements", reads=("tensors", "dim"))
 def comb_stack(node, cx):
     out = cx.dims(node)
     dim = dim_index(arg(node, "dim"), len(out))

@@ -18,7 +18,7 @@ def test_every_name_an_entry_reads_is_in_the_schema(target, entry):
     assert not missing, f"{target} has no argument {missing}; its schema is {target._schema}"
     if entry.mode is not None:
         assert isinstance(entry.mode[1], (bool, float))
-    assert entry.latency in (None, "conv", "linear")
+    assert entry.latency in (None, "conv", "linear", "elements")
 
 
 def test_each_op_has_one_entry():
@@ -35,6 +35,12 @@ def test_the_table_answers_what_other_code_asked_its_own_lists():
     assert ops.OPS[aten.layer_norm.default].scale == "weight"
     assert ops.OPS[aten.conv2d.default].latency == "conv" and ops.OPS[aten.conv2d.padding].latency is None
     assert ops.OPS[aten.topk.default].reads == ("dim",)
+    priced = {t for t, e in ops.OPS.items() if e.latency == "elements"}  # work of their own in an exported model
+    assert {aten.gelu.default, aten.add.Tensor, aten.layer_norm.default, aten.batch_norm.default,
+            aten._softmax.default, aten.permute.default, aten.cat.default, aten.max_pool2d.default,
+            aten.upsample_bilinear2d.vec} <= priced
+    assert priced.isdisjoint({aten.view.default, aten.reshape.default, aten.expand.default, aten.slice.Tensor,
+                              aten.dropout.default, aten.clone.default, aten.t.default})
 
 
 class FakeNode:
