@@ -81,6 +81,7 @@ NOISY = 0.15  # a point whose runs spread more than this (interquartile range / 
 DRIFT = 0.15  # the reference layer this much slower or faster after the tables: the machine was busy
 SESSIONS = 2  # fresh onnxruntime sessions per table point, the fastest kept (see the module docstring)
 OUT_OF_LINE = 1.3  # a new point this many times what its grid neighbours bound it by is timed again
+SESSION_SECONDS = 0.5  # the shortest session `Measured` times a fast model's pair in
 MAX_ELEMENTWISE = 0.8  # the most of a model's time `LatencyModel.calibrate` puts on element counts
 
 
@@ -453,8 +454,11 @@ class Measured:
     target, so one stray measurement stops it short; a session's own
     placement (its memory, its threads' cores) moves its times by a few
     percent, which longer runs of the same session do not average out, so
-    the share is the median of separate sessions. The example input is one
-    tensor, alone or as a 1-tuple."""
+    the share is the median of separate sessions. For a fast model that
+    spread is most of the error (5-12% for a 6 ms MobileNetV2 on a 2-core
+    VM), so the time `samples` sessions of `min_seconds` would take is spent
+    on up to three times as many shorter ones, of `SESSION_SECONDS` at least.
+    The example input is one tensor, alone or as a 1-tuple."""
 
     def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, runtime: str = "cpu",
                  repeats: int = 10, min_seconds: float = 1.5, max_seconds: float = 10.0, samples: int = 3):
@@ -470,6 +474,10 @@ class Measured:
         self.shape = tuple(inputs[0].shape[1:])
         with open(self.original, "rb") as f:
             self.full_ms = time_onnx(f.read(), (batch, *self.shape), threads, repeats=repeats, provider=self.provider)
+        session = max(SESSION_SECONDS, 2 * repeats * self.full_ms / 1e3)  # the shortest session of the pair
+        more = min(3 * samples, int(samples * min_seconds / session))
+        if more > samples:  # a fast model: more, shorter sessions in the same time
+            self.samples, self.seconds["min_seconds"] = more, samples * min_seconds / more
 
     def share(self, slim) -> float:
         """slim's latency over the original's: the median, over the samples,

@@ -325,6 +325,27 @@ def test_measured_share_is_timed_in_separate_sessions(monkeypatch):
     assert calls == [(["original", "slim"], (2,), 3, 0.5, 10.0)]
 
 
+@pytest.mark.parametrize("model_ms, samples, seconds", [(0.05, 9, 0.5), (45.0, 5, 0.9), (500.0, 3, 1.5)])
+def test_a_fast_model_is_measured_in_more_shorter_sessions(monkeypatch, model_ms, samples, seconds):
+    """Three sessions of 1.5 s by default; a model fast enough that a
+    session's ten rounds of the pair take less is measured in as many
+    sessions as fit in those 4.5 s (at most nine, of 0.5 s at least): a
+    session's placement is what moves a fast model's share."""
+    monkeypatch.setattr(latency, "time_onnx", lambda *args, **kwargs: model_ms)
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    measured = latency.Measured(gm, x, batch=2)
+    calls = []
+
+    def fake_bench(models, shape, **kwargs):
+        calls.append((kwargs["samples"], kwargs["min_seconds"]))
+        return SimpleNamespace(rows=[{"speedup": 1.0}, {"speedup": 2.0}])
+
+    monkeypatch.setattr(latency, "bench", fake_bench)
+    measured.share(gm)
+    assert calls == [(samples, pytest.approx(seconds))]
+
+
 def test_measured_takes_a_one_tuple_and_refuses_two_inputs():
     x = torch.randn(2, 3, 8, 8)
     gm = cpdfx.capture(TwinConvs().eval(), x)
