@@ -32,7 +32,8 @@ def rewrite_layer_norm(node, rx):
     set_arg(node, "normalized_shape", [rx.new_size(d) for d in xd[-k:]])
 
 
-@op("layer_norm", rewrite=rewrite_layer_norm, scale="weight", latency="elements", reads=("input", "normalized_shape", "weight", "bias"))
+@op("layer_norm", rewrite=rewrite_layer_norm, scale="weight", latency="elements",
+    reads=("input", "normalized_shape", "weight", "bias"))
 def comb_layer_norm(node, cx):
     """Statistics over the last k dims. As in every structured pruner, removing
     channels there changes the statistics the kept channels see."""
@@ -50,7 +51,8 @@ def rewrite_group_norm(node, rx):
         set_arg(node, "num_groups", rx.new_size(rx.dims(arg(node, "input"))[1]) // rx.new_size(per_group))
 
 
-@op("group_norm", rewrite=rewrite_group_norm, scale="weight", latency="elements", reads=("input", "num_groups", "weight", "bias"))
+@op("group_norm", rewrite=rewrite_group_norm, scale="weight", latency="elements",
+    reads=("input", "num_groups", "weight", "bias"))
 def comb_group_norm(node, cx):
     """Channels = groups x channels per group; whole groups, or the same
     channels of every group, can go."""

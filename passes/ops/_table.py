@@ -5,10 +5,11 @@ overloads that share one schema shape: how it ties channel spaces (`comb`),
 which ints it rewrites when channels go (`rewrite`), its MAC terms (`macs`),
 its train/eval argument (`mode`), which argument is a norm's per-channel scale
 (`scale`) and running statistics (`running_stats`), and how the latency model
-prices it (`latency`: timed as a layer of its own, or by its element count). Every name an entry reads is
-declared (`reads` and the fields above) and exists in the schema of each of its
-overloads; `arg` refuses any other, so a rule cannot read `k` where it meant
-`dim` (aten.topk) or a position that means something else in another overload.
+prices it (`latency`: timed as a layer of its own, or by its element count).
+Every name an entry reads is declared (`reads` and the fields above) and exists
+in the schema of each of its overloads; `arg` refuses any other, so a rule
+cannot read `k` where it meant `dim` (aten.topk) or a position that means
+something else in another overload.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class Op:
     scale: str | None = None  # the argument holding a norm's per-channel scale (gamma)
     running_stats: tuple | None = None  # (mean, var, momentum) argument names of a norm's running statistics
     latency: str | None = None  # "conv" or "linear": tabled as a layer of its own by cpdfx.latency; "elements":
-    # its time follows the element count of its largest tensor (elementwise, norms, reductions, copies)
+    # its time follows the element count of its largest tensor (elementwise, norms, reductions, permutes, joins)
     reads: tuple = ()  # the other argument names comb, rewrite and macs read
 
     @property
