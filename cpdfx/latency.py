@@ -310,13 +310,17 @@ def _element_term(node, comb, values) -> list | None:
                if isinstance(t.meta.get("val"), torch.Tensor) and _flat(comb.node_dims.get(t.name))]
     if not tensors:
         return None
-    largest = max(tensors, key=lambda t: math.prod(concrete(s if isinstance(s, int) else s.node.expr, values)
-                                                   for s in t.meta["val"].shape))
+    largest = max(tensors, key=lambda t: _numel(t.meta["val"].shape, values))
     return list(comb.node_dims[largest.name])
 
 
 def _flat(dims) -> bool:
     return dims is not None and not any(isinstance(d, list) for d in dims)
+
+
+def _numel(shape, values) -> int:
+    """The number of elements of a shape whose symbolic sizes take `values`."""
+    return math.prod(concrete(s if isinstance(s, int) else s.node.expr, values) for s in shape)
 
 
 def _conv_layer(node, comb, batch) -> Layer | None:
@@ -344,7 +348,7 @@ def _conv_layer(node, comb, batch) -> Layer | None:
 
 def _linear_layer(node, comb, values) -> Layer | None:
     x, w = arg(node, "input"), arg(node, "weight")
-    rows = math.prod(concrete(s if isinstance(s, int) else s.node.expr, values) for s in x.meta["val"].shape[:-1])
+    rows = _numel(x.meta["val"].shape[:-1], values)
     fan_in, fan_out = (int(s) for s in reversed(w.meta["val"].shape))
     xd, od = comb.node_dims[x.name], comb.node_dims[node.name]
     return Layer(f"linear/m{rows}", (xd[-1], od[-1]), (fan_in, fan_out),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
@@ -74,6 +75,20 @@ def width_timer(model, shape, *args, spread=False, **kwargs):
     """A stand-in for latency.time_onnx: a layer costs its input width
     (shape[1]) in ms, with no spread between runs."""
     ms = float(shape[1])
+    return (ms, 0.0) if spread else ms
+
+
+def weight_ms(model: bytes) -> float:
+    """What in_times_out costs a one-op ONNX model: its weight's first two
+    dims multiplied (out x in channels; the reference conv alike)."""
+    weight = next(i for i in onnx.load_from_string(model).graph.initializer if len(i.dims) >= 2)
+    return float(weight.dims[0] * weight.dims[1])
+
+
+def in_times_out(model, shape, *args, spread=False, **kwargs):
+    """A stand-in for latency.time_onnx: a layer costs in x out channels in
+    ms (weight_ms), with no spread between runs."""
+    ms = weight_ms(model)
     return (ms, 0.0) if spread else ms
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 import torch
-from helpers import fake_onnxruntime
+from helpers import fake_onnxruntime, in_times_out, weight_ms
 
 import cpdfx
 import cpdfx.latency as latency
@@ -59,11 +59,6 @@ def test_layers_of_one_configuration_each_read_their_own_widths(monkeypatch):
         def forward(self, x):
             return self.fc2(torch.relu(self.fc1(x)))
 
-    def in_times_out(model, shape, *args, spread=False, **kwargs):  # and the reference conv alike
-        weight = next(i for i in onnx.load_from_string(model).graph.initializer if len(i.dims) >= 2)
-        ms = float(weight.dims[0] * weight.dims[1])
-        return (ms, 0.0) if spread else ms
-
     monkeypatch.setattr(latency, "time_onnx", in_times_out)
     x = torch.randn(2, 10, 16)
     gm = cpdfx.capture(MLP().eval(), x)
@@ -83,8 +78,7 @@ def test_latency_budget_corrects_by_what_it_measures(monkeypatch):
     slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.7,
                        latency_options={"cache": False, "progress": False, "repeats": 1, "block": 8})
     assert asked[0] == 0.7 and asked[1] < 0.7 * 0.98  # tightened after 0.85
-    report = slim.meta["cpdfx_report"]
-    assert report["achieved"]["latency"] == 0.71  # within 2 points, so kept
+    assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.71  # within 2 points, so kept
     assert len(asked) == 2
 
 
@@ -108,11 +102,6 @@ def test_the_elementwise_share_is_fitted_to_measured_models(monkeypatch):
     to e from one such pair; a pair where the two laws agree says nothing;
     the fit stays within [0, MAX_ELEMENTWISE]; and the fitted model prices
     that share by element count."""
-    def in_times_out(model, shape, *args, spread=False, **kwargs):
-        weight = next(i for i in onnx.load_from_string(model).graph.initializer if len(i.dims) >= 2)
-        ms = float(weight.dims[0] * weight.dims[1])
-        return (ms, 0.0) if spread else ms
-
     monkeypatch.setattr(latency, "time_onnx", in_times_out)
     x = torch.randn(2, 3, 4, 4)
     gm = cpdfx.capture(Widen().eval(), x)
@@ -260,9 +249,8 @@ def test_each_point_keeps_the_fastest_of_its_sessions(monkeypatch, tmp_path):
     calls = {}
 
     def fake(model, shape, *args, spread=False, **kwargs):
-        weight = next(i for i in onnx.load_from_string(model).graph.initializer if len(i.dims) >= 2)
         calls[model] = calls.get(model, 0) + 1
-        ms = float(weight.dims[0] * weight.dims[1]) * (2.0 if calls[model] % latency.SESSIONS == 1 else 1.0)
+        ms = weight_ms(model) * (2.0 if calls[model] % latency.SESSIONS == 1 else 1.0)
         return (ms, 0.0) if spread else ms
 
     monkeypatch.setattr(latency, "time_onnx", fake)
