@@ -42,7 +42,8 @@ def _free_port():
 def _join(rank, port):
     """What torchrun sets for a rank; the process group is started by cpdfx from it."""
     torch.set_num_threads(1)
-    faulthandler.dump_traceback_later(240, exit=True)  # a collective one rank never joins fails, not hangs
+    faulthandler.enable()  # a rank that aborts (SIGABRT, SIGSEGV) shows where
+    faulthandler.dump_traceback_later(420, exit=True)  # a collective one rank never joins fails, not hangs
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
 
@@ -149,6 +150,7 @@ def _pruner_worker(rank, port, out):
         gathered = all(np.abs(v).sum() > 0 for v in pruner.criterion.total.values())
         pruner.step()
         torch.save({"keeps": pruner.keeps, "gathered": gathered}, out / f"pruner{rank}.pt")
+        dist.barrier()  # no rank closes its connections while the other may still be using them
     finally:
         dist.destroy_process_group()
 
@@ -165,6 +167,7 @@ def _latency_worker(rank, port, out):
         pruner.step()  # the first of two steps: its one measured result is kept whatever it measured
         torch.save({"keeps": pruner.keeps, "timed": pruner.measured is not None, "share": pruner.latency_share},
                    out / f"latency{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
