@@ -109,7 +109,8 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
         student, callback = gated_student(gm, example_inputs, target, at[-1], config, rules, config["learned"])
     else:
         pruner = Pruner(gm, example_inputs, importance, macs=macs, params=params, latency=latency,
-                        steps=prune_steps, schedule=schedule, latency_options=latency_options, **rules)
+                        steps=prune_steps, schedule=schedule, **rules,
+                        latency_options={"progress": progress, **(latency_options or {})})
         student, callback = pruner.gm, PruneCallback(pruner, at, config)
     before = per_image(gm, example_inputs)  # the report's MACs are per image
     teacher_scores = _teacher_scores(model, val_data, task, batch_size, distill_options, progress)

@@ -16,6 +16,7 @@ from cpdfx.budget import Target
 from cpdfx.importance import Fisher
 from cpdfx.learned import LearnedCallback, gated_student, resolve_options
 from cpdfx.models import ResNetTiny, UNetTiny
+from helpers import fake_onnxruntime
 
 X = torch.randn(2, 1, 8, 8)
 
@@ -75,6 +76,16 @@ def test_plain_fine_tuning_has_no_teacher_term(digits, teacher):
     assert 0.48 <= result.report["achieved"]["macs"] <= 0.5
     with pytest.raises(ValueError, match="labels=True"):
         compress(teacher, X, *digits, macs=0.5, plain=True, labels=False, progress=False)
+
+
+def test_a_quiet_latency_budget_times_its_tables_without_a_bar(digits, teacher, monkeypatch, capfd):
+    """progress=False reaches the latency tables too (and their own cache=False
+    keeps them from being read from an earlier test's cache: they are timed here)."""
+    fake_onnxruntime(monkeypatch, [0.66])
+    result = compress(teacher, X, *digits, latency=2 / 3, prune_steps=1, epochs=1, batch_size=32,
+                      latency_options={"cache": False}, progress=False)
+    assert result.report["achieved"]["latency"] == 0.66
+    assert "latency tables" not in capfd.readouterr().err
 
 
 def stop_at(monkeypatch, callback_class, at):
