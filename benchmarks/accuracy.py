@@ -3,6 +3,8 @@
     python benchmarks/accuracy.py --parts teachers   # train and cache both teachers (~25 min here)
     python benchmarks/accuracy.py                    # every row (~1 h on 2 cores), speed-ups, the table
     python benchmarks/accuracy.py --quick            # a dry run on tiny subsets (~3 min)
+    python benchmarks/accuracy.py --methods kd latency --macs 0.5 0.25 --no-seg \
+        --speed-threads 1 --out benchmarks/results/accuracy_speed.json   # latency vs MACs budget
 
 Classification teacher: transformers' ResNet-18 (ResNetConfig, basic blocks,
 depths 2-2-2-2, widths 64-128-256-512, 11.2M parameters; one input channel),
@@ -21,13 +23,20 @@ schedule (--epochs over --train-size images; pruning in the first half):
   tp+plain  Torch-Pruning's group-L2 MetaPruner (global, round_to = this CPU's
             channel block) to the same MACs, then cpdfx.distill on labels only
   learned   cpdfx.compress(importance="learned") with KD
+  latency   cpdfx.compress with KD to a speed-up (--speedups) instead of a
+            MACs share: the same schedule, each pruning step timed in
+            onnxruntime (--speed-threads threads, batch 8), channels ranked by
+            importance per millisecond. Its rows against the kd rows are
+            the latency budget's ranking against the MACs budget's, compared
+            at the speed each measures in the one run of --parts speed.
   seg kd / seg plain   the segmenter at 50% MACs, CWD vs labels only
 Rows run --jobs at a time, one thread each, in their own processes. Every
 row's slim model is exported to ONNX; once all rows are in, their speed-ups
 over the teacher are timed in onnxruntime (batch 8, nothing else running).
 Rows already in --out are kept (--redo runs them again), so an interrupted run
-resumes. --out holds a list of rows: model, task, method, target_macs, seed,
-teacher, student, macs, params, epochs (fractions), and more.
+resumes. --out holds a list of rows: model, task, method, target_macs (or
+target_speedup), seed, teacher, student, macs, params, epochs (fractions), and
+more.
 """
 from __future__ import annotations
 
@@ -128,25 +137,33 @@ def load_teacher(args, task) -> torch.nn.Module:
 
 # -- rows -------------------------------------------------------------------------------
 
-METHODS = ("kd", "plain", "tp+plain", "learned")
+METHODS = ("kd", "plain", "tp+plain", "learned", "latency")
 
 
 def specs(args) -> list[dict]:
     """Every row this invocation asks for, in the order they run."""
     out = []
     for seed in args.seeds:
-        for target in args.macs if args.classification else ():
-            for method in args.methods:
-                if method != "learned" or target in args.learned_macs:
-                    out.append({"task": "classification", "method": method, "target_macs": target, "seed": seed})
+        for share in args.macs if args.classification else ():
+            for method in (m for m in args.methods if m != "latency"):
+                if method != "learned" or share in args.learned_macs:
+                    out.append({"task": "classification", "method": method, "target_macs": share, "seed": seed})
+        if args.classification and "latency" in args.methods:
+            out += [{"task": "classification", "method": "latency", "target_speedup": speedup, "seed": seed}
+                    for speedup in args.speedups]
         if args.seg:
             for method in (m for m in args.methods if m in ("kd", "plain")):
                 out.append({"task": "segmentation", "method": method, "target_macs": 0.5, "seed": seed})
     return out
 
 
+def target(row) -> float:
+    """What the row was pruned to: a share of the MACs, or (latency rows) a speed-up."""
+    return row["target_speedup"] if row["method"] == "latency" else row["target_macs"]
+
+
 def key(row) -> tuple:
-    return row["task"], row["method"], row["target_macs"], row["seed"]
+    return row["task"], row["method"], target(row), row["seed"]
 
 
 def training(args, task) -> dict:
@@ -160,20 +177,22 @@ def training(args, task) -> dict:
 def run_row(args, spec) -> dict:
     """Train one row in this process (one thread) and export its slim model."""
     torch.set_num_threads(args.threads)
-    task, method, target, seed = spec["task"], spec["method"], spec["target_macs"], spec["seed"]
+    task, method, seed = spec["task"], spec["method"], spec["seed"]
     teacher = load_teacher(args, task)
     train, test = fashion(args, seed, args.train_size) if task == "classification" else canvases(args, seed)
     example = torch.randn(2, *train[0][0].shape)
     options = {**training(args, task), "task": task, "seed": seed, "progress": args.progress}
     t0 = time.perf_counter()
     if method == "tp+plain":
-        pruned = torch_pruning(teacher, example, target, round_to=channel_block("cpu"))
+        pruned = torch_pruning(teacher, example, spec["target_macs"], round_to=channel_block("cpu"))
         if pruned is None:
-            raise ValueError(f"Torch-Pruning found no ratio that reaches {target:.1%} of the MACs")
+            raise ValueError(f"Torch-Pruning found no ratio that reaches {spec['target_macs']:.1%} of the MACs")
         result = distill(pruned, None, train, test, **options)
         student = result.student
     else:
-        result = compress(teacher, example, train, test, macs=target, plain=method == "plain",
+        budget = ({"latency": 1 / spec["target_speedup"], "latency_options": {"threads": args.speed_threads}}
+                  if method == "latency" else {"macs": spec["target_macs"]})
+        result = compress(teacher, example, train, test, **budget, plain=method == "plain",
                           importance="learned" if method == "learned" else "fisher", prune_steps=args.prune_steps,
                           learned_options=args.learned_options if method == "learned" else None, **options)
         student = result.model
@@ -254,23 +273,29 @@ def measure_speed(args, rows) -> list:
     return rows
 
 
+def _stat(values, scale=100, digits=2) -> str:
+    values = [v * scale for v in values]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
 def table(rows) -> str:
-    """Mean ± std over the seeds of each (task, method, target)."""
-    lines = ["| task | method | target MACs | seeds | teacher | student | vs teacher | MACs | params | "
+    """Mean ± std over the seeds of each (task, method, target): the MACs
+    budgets first, largest first, then the speed-ups asked, smallest first."""
+    lines = ["| task | method | target | seeds | teacher | student | vs teacher | MACs | params | "
              "speed-up (ORT CPU, b8) | time s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["task"], r["target_macs"], METHODS.index(r["method"])), []).append(r)
-    for (task, target, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
-        def stat(values, scale=100, digits=2):
-            values = [v * scale for v in values]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-        speed = [r["speedup"] for r in rs if "speedup" in r]
-        lines.append(f"| {task} | {rs[0]['method']} | {target:.1%} | {len(rs)} | {stat([r['teacher'] for r in rs])} "
-                     f"| {stat([r['student'] for r in rs])} | {stat([r['student'] - r['teacher'] for r in rs])} "
-                     f"| {stat([r['macs'] for r in rs], digits=1)} | {stat([r['params'] for r in rs], digits=1)} "
-                     f"| {stat(speed, 1) if speed else '-'} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+        by_speed = r["method"] == "latency"
+        order = target(r) if by_speed else -target(r)
+        groups.setdefault((r["task"], by_speed, order, METHODS.index(r["method"])), []).append(r)
+    for (task, by_speed, order, _), rs in sorted(groups.items()):
+        asked = f"x{order:g}" if by_speed else f"{-order:.1%}"
+        speedups = [r["speedup"] for r in rs if "speedup" in r]
+        lines.append(f"| {task} | {rs[0]['method']} | {asked} | {len(rs)} | {_stat([r['teacher'] for r in rs])} "
+                     f"| {_stat([r['student'] for r in rs])} | {_stat([r['student'] - r['teacher'] for r in rs])} "
+                     f"| {_stat([r['macs'] for r in rs], digits=1)} | {_stat([r['params'] for r in rs], digits=1)} "
+                     f"| {_stat(speedups, 1) if speedups else '-'} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
     return "\n".join(lines)
 
 
@@ -297,6 +322,8 @@ def main():
     parser.add_argument("--macs", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--learned-macs", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0],
+                        help="the latency rows' speed-ups (onnxruntime CPU, batch 8)")
     parser.add_argument("--learned-options", type=json.loads, default=None,
                         help='the learned rows\' learned_options, as JSON (e.g. \'{"penalty": 4}\')')
     parser.add_argument("--no-seg", dest="seg", action="store_false", help="no segmentation rows")

@@ -54,7 +54,20 @@ def test_a_row_run_again_replaces_the_old_one(tmp_path):
                                                       (["plain"], [0.5], 3 * 3)])
 def test_specs_run_learned_only_at_its_budgets(methods, learned, count):
     args = accuracy.argparse.Namespace(seeds=[0, 1, 2], macs=[0.5, 0.25, 0.125], methods=methods,
-                                       learned_macs=learned, seg=False, classification=True)
+                                       learned_macs=learned, speedups=[2.0], seg=False, classification=True)
     specs = accuracy.specs(args)
     assert len(specs) == count
     assert all(s["target_macs"] == 0.5 for s in specs if s["method"] == "learned")
+
+
+def test_latency_rows_are_asked_for_a_speedup_and_tabled_by_it():
+    args = accuracy.argparse.Namespace(seeds=[0, 1], macs=[0.5], methods=["kd", "latency"], learned_macs=[],
+                                       speedups=[2.0, 3.0], seg=False, classification=True)
+    specs = accuracy.specs(args)
+    assert sorted(accuracy.key(s) for s in specs if s["method"] == "latency") == [
+        ("classification", "latency", x, seed) for x in (2.0, 3.0) for seed in (0, 1)]
+    assert all("target_macs" not in s for s in specs if s["method"] == "latency")
+    fast = {**row("latency"), "target_speedup": 3.0, "macs": 0.3}
+    del fast["target_macs"]
+    lines = accuracy.table([row("kd"), {**fast, "target_speedup": 2.0}, fast]).splitlines()[2:]
+    assert [line.split(" | ")[1:3] for line in lines] == [["kd", "50.0%"], ["latency", "x2"], ["latency", "x3"]]
