@@ -3,8 +3,9 @@
     python benchmarks/accuracy.py --parts teachers   # train and cache both teachers (~25 min here)
     python benchmarks/accuracy.py                    # every row (~1 h on 2 cores), speed-ups, the table
     python benchmarks/accuracy.py --quick            # a dry run on tiny subsets (~3 min)
-    python benchmarks/accuracy.py --methods kd latency --macs 0.5 0.25 --no-seg \
-        --speed-threads 1 --out benchmarks/results/accuracy_speed.json   # latency vs MACs budget
+    python benchmarks/accuracy.py --methods kd latency --macs 0.5 0.25 --no-seg --speed-threads 1 \
+        --teacher-epochs 6 --cache /tmp/acc-speed --out benchmarks/results/accuracy_speed.json
+                                                     # latency vs MACs budget (~40 min)
 
 Classification teacher: transformers' ResNet-18 (ResNetConfig, basic blocks,
 depths 2-2-2-2, widths 64-128-256-512, 11.2M parameters; one input channel),
