@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -122,10 +123,17 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
     a memory format (upsample_bilinear2d guards Eq(batch, 2) at an example of
     2), which would specialise the batch of this graph, and, through the shape
     environment it shares, of the graph it was pruned from. No shape here
-    depends on such a branch."""
+    depends on such a branch.
+
+    The Python dispatcher is on, as when torch.export traced the graph: the
+    composite ops the training IR keeps (aten.pad, aten.lstm.input, ...) then
+    run their Python decompositions, which take symbolic sizes, where the C++
+    ones ask a fake tensor for a concrete numel() or storage_offset() (a
+    negative pad, a crop, is a slice in C++)."""
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(inputs)
     with contextlib.ExitStack() as stack:
         if mode is not None and mode.shape_env is not None:
             stack.enter_context(mode.shape_env.suppress_guards())
+        stack.enter_context(enable_python_dispatcher())
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
