@@ -1,7 +1,10 @@
-"""Products with weights or of activations: linear, matmul, attention, embedding."""
+"""Products with weights or of activations: linear, matmul, einsum, attention, embedding."""
 from __future__ import annotations
 
 import math
+from collections import Counter, defaultdict
+
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ._table import arg, op, set_arg
 
@@ -49,6 +52,87 @@ def matmul_macs(node):
 
 op("matmul", macs=matmul_macs, reads=("self", "other"))(matmul("other"))
 op("bmm", "mm", macs=matmul_macs, reads=("self", "mat2"))(matmul("mat2"))
+
+
+def einsum_labels(node):
+    """The equation's label for each dim of every operand and of the result:
+    its letter, or ("...", k) for the dim k places left of an ellipsis's end
+    (ellipses broadcast from the right). Without "->" the result is the
+    ellipsis, then the letters seen once, in order (as torch reads it)."""
+    lhs, arrow, rhs = arg(node, "equation").replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    spans = [t.meta["val"].dim() - len(term.replace("...", "")) for term, t in zip(terms, arg(node, "tensors"))]
+    if not arrow:
+        counts = Counter("".join(terms).replace(".", ""))
+        rhs = "..." + "".join(sorted(c for c, n in counts.items() if n == 1))
+    return [_labels(term, span) for term, span in zip(terms, spans)], _labels(rhs, max(spans))
+
+
+def _labels(term, span):
+    head, dots, tail = term.partition("...")
+    return [*head, *(("...", k) for k in reversed(range(span)) if dots), *tail]
+
+
+def einsum_macs(node):
+    """torch contracts the operands two at a time (in the order of `path`,
+    else left to right), after summing out of each side the letters no other
+    operand or the result holds: a pair that then sums a letter both hold is
+    one bmm over every letter either holds; one that sums none is an
+    elementwise product, no MACs (as torch.utils.flop_counter counts).
+    Size-1 dims broadcast: no side holds them."""
+    ins, out = einsum_labels(node)
+    where, held = {}, []  # label -> an (operand, dim) holding it; the labels each operand holds
+    for t, labels in zip(arg(node, "tensors"), ins):
+        shape = t.meta["val"].shape
+        holds = [(l, d) for d, l in enumerate(labels) if not (is_concrete_int(shape[d]) and int(shape[d]) == 1)]
+        for l, d in holds:
+            where.setdefault(l, (t, d))
+        held.append({l for l, _ in holds})
+    holders = Counter(l for h in held for l in h)
+    path, terms = arg(node, "path"), []
+    for step in range(len(held) - 1):
+        i, j = sorted(path[2 * step:2 * step + 2]) if path else (0, 1)
+        a, b = held[i], held[j]
+        del held[j], held[i]
+        summed = set()
+        for label in (a | b).difference(out):
+            if label in a and label in b:
+                holders[label] -= 1
+                if holders[label] == 1:
+                    summed.add(label)
+            elif holders[label] == 1:  # this side alone holds it: summed out first
+                a, b = a - {label}, b - {label}
+        if summed:
+            terms.append([where[l] for l in sorted(a | b, key=str)])
+        held.insert(len(held) if path else 0, (a | b) - summed)
+    return terms
+
+
+# no latency table of its own: the latency model prices its MACs at the tabled layers' time per MAC, as matmul's
+@op("einsum", macs=einsum_macs, reads=("equation", "tensors", "path"))
+def comb_einsum(node, cx):
+    """One space per letter: a letter ties every dim it labels, in the
+    operands and the result; a letter summed over is contracted between the
+    operands that hold it (pruned on both sides, as matmul's contracted dim).
+    A letter summed within one operand alone is a reduction, and a letter
+    repeated within one operand takes a diagonal: both freeze. Size-1 dims
+    broadcast."""
+    ins, out = einsum_labels(node)
+    spaces, holders, diagonal = defaultdict(list), Counter(), set()  # label -> its dims; operands holding it
+    for labels, dims in [*zip(ins, map(cx.dims, arg(node, "tensors"))), (out, cx.dims(node))]:
+        diagonal |= {l for l, n in Counter(labels).items() if n > 1}
+        held = [(l, d) for l, d in zip(labels, dims) if cx.size(d) != 1]
+        for l, d in held:
+            spaces[l].append(d)
+        if labels is not out:
+            holders.update({l for l, _ in held})
+    for label, dims in spaces.items():
+        if label in diagonal:
+            cx.freeze(dims, "diagonal taken by einsum")
+        elif label not in out and holders[label] == 1:
+            cx.freeze(dims, "reduced by einsum")
+        for d in dims[1:]:
+            cx.unify(dims[0], d)
 
 
 def rewrite_sdpa(node, rx):
