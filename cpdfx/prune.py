@@ -48,7 +48,11 @@ def prune(model, example_inputs, *, macs=None, params=None, latency=None, import
         knapsack of importance per unit of time on per-layer tables
         (latency.LatencyModel, which takes the other latency_options), then
         checked by timing the result and solved again with the target
-        corrected by what was measured (report "achieved" "latency").
+        corrected by what was measured (report "achieved" "latency"). The
+        result lands within 7% of the speed-up asked (1 / latency), either
+        way, or the call raises a BudgetError naming the speed-ups measured;
+        latency_options "tolerance" (a share) also keeps a result up to that
+        much slower than asked, never one more than 7% faster.
     slim.meta["cpdfx_kept"] maps parameter names to {dim: kept indices};
     slim.meta["cpdfx_report"] is the pruning report (see report.py)."""
     target = Target(macs, params, latency)  # checked before the slow capture

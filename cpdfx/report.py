@@ -86,6 +86,26 @@ def _table(header, rows) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _speedup_lines(report: dict) -> list[str]:
+    """A latency budget's outcome in speed-ups: asked, measured, and whether
+    it landed within 7% or was kept under a tolerance; and a note where the
+    speed-up took far more MACs than its own share, as on a model whose time
+    is mostly fixed per-op overhead."""
+    asked, share = report["target"].get("latency"), report["achieved"].get("latency")
+    if asked is None or share is None:
+        return []
+    macs = report["achieved"]["macs"]
+    verdict = ("within 7%" if report.get("latency_landed", True) else
+               f"{1 - asked / share:.0%} slower than asked, kept under the tolerance")
+    lines = [f"speed-up asked x{1 / asked:.2f}, measured x{1 / share:.2f} in onnxruntime ({verdict}), "
+             f"at {macs:.1%} of the MACs"]
+    if macs < share / 2:
+        lines.append(f"note: x{1 / share:.2f} took cutting to {macs:.1%} of the MACs: most of this model's time at "
+                     f"this input is fixed per-op overhead that no channel count removes; a macs= budget, a larger "
+                     f"batch or input may suit it better")
+    return lines
+
+
 def format_report(report: dict) -> str:
     """The report as readable tables: totals, layers, groups."""
     (m0, m1), (p0, p1) = report["macs"], report["params"]
@@ -95,6 +115,7 @@ def format_report(report: dict) -> str:
              f"MACs   {m0 / 1e6:,.2f} M -> {m1 / 1e6:,.2f} M per image",
              f"params {p0 / 1e6:,.3f} M -> {p1 / 1e6:,.3f} M",
              f"groups pruned {report['groups_pruned']} of {report['groups_prunable']} (smaller than at the start)"]
+    lines += _speedup_lines(report)
     if len(report.get("steps", ())) > 1:
         lines.append(f"pruned in {len(report['steps'])} steps; the groups' scores are the last step's")
     if report.get("batch_norm_reestimated_on"):
