@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .passes import set_mode
+from .passes import fold_attention, set_mode
 from .passes.eliminate import KEPT
 
 from .capture import CAPTURED, _install_mode_switch, as_tuple, capture, first_line, is_captured
@@ -168,7 +168,7 @@ def _to_onnx(gm, model, inputs, outputs, opset, path) -> onnx.ModelProto:
     try:
         with _quiet(log):
             args, dynamic = _example(gm)
-            program = torch.export.export(_Leaves(gm), args, dynamic_shapes=(dynamic,))
+            program = torch.export.export(_Leaves(fold_attention(gm)), args, dynamic_shapes=(dynamic,))
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=inputs,
                                              output_names=outputs, verbose=False, report=False, optimize=False)
             _optimize(onnx_program.model)
