@@ -1,6 +1,7 @@
 """Reductions, and ops that work along a dim (softmax, sort, topk, ...)."""
 from __future__ import annotations
 
+from ._norm import normalises
 from ._table import arg, dim_index, op
 
 
@@ -9,9 +10,11 @@ def _results(cx, node):
     return outs if outs and isinstance(outs[0], list) else [outs]
 
 
-def reduce(dim_name=None):
+def reduce(dim_name=None, statistic=False):
     """Reduced dims are frozen: a mean or sum over fewer channels is another
-    function. dim_name is the argument naming them (None: every dim)."""
+    function. dim_name is the argument naming them (None: every dim). A
+    `statistic` kept as size 1 whose value only returns into the tensor it
+    was taken of is a norm's, and does not freeze them (_norm.normalises)."""
     def comb(node, cx):
         xd = cx.dims(node.args[0])
         dims = arg(node, dim_name) if dim_name else None
@@ -19,7 +22,8 @@ def reduce(dim_name=None):
             reduced = set(range(len(xd)))
         else:
             reduced = {dim_index(d, len(xd)) for d in ([dims] if isinstance(dims, int) else dims)}
-        cx.freeze([xd[d] for d in sorted(reduced)], f"reduced by {node.target._opname}")
+        if not (statistic and arg(node, "keepdim") and normalises(node, reduced)):
+            cx.freeze([xd[d] for d in sorted(reduced)], f"reduced by {node.target._opname}")
         kept = [d for i, d in enumerate(xd) if i not in reduced]
         for out in _results(cx, node):
             if len(out) == len(xd):  # keepdim
@@ -29,9 +33,10 @@ def reduce(dim_name=None):
     return comb
 
 
-op("mean.dim", "sum.dim_IntList", "amax", "amin", "max.dim", "min.dim", "var.correction", "var.dim",
-   "std.correction", "std.dim", "linalg_vector_norm", "norm.ScalarOpt_dim", "logsumexp", "prod.dim_int",
-   "argmax", "argmin", "any.dim", "all.dim", latency="elements", reads=("dim",))(reduce("dim"))
+op("sum.dim_IntList", "amax", "amin", "max.dim", "min.dim", "std.correction", "std.dim", "linalg_vector_norm",
+   "norm.ScalarOpt_dim", "logsumexp", "prod.dim_int", "argmax", "argmin", "any.dim", "all.dim", latency="elements",
+   reads=("dim",))(reduce("dim"))
+op("mean.dim", "var.dim", "var.correction", latency="elements", reads=("dim", "keepdim"))(reduce("dim", statistic=True))
 op("mean.default", "sum.default", latency="elements")(reduce())
 
 

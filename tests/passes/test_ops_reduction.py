@@ -85,8 +85,40 @@ def test_spatial_reduction_keeps_channels_prunable(reduce, op):
 
 
 def test_reducing_the_channels_freezes_them():
-    gm, comb = check_op(Between(lambda y: y - y.mean(1, keepdim=True)), torch.randn(2, 3, 8, 8), [aten.mean.dim],
-                        prunable=False)
+    """The channel mean as a channel of its own: a feature, which fewer
+    channels would change. (A mean that only returns into the tensor it was
+    taken of is a norm's statistic: tests/passes/test_ops_norm.py.)"""
+    gm, comb = check_op(Between(lambda y: torch.cat([y, y.mean(1, keepdim=True)], 1), cout=9),
+                        torch.randn(2, 3, 8, 8), [aten.mean.dim], prunable=False)
     assert group_of(comb, "a.weight", 0).frozen_reason == "reduced by mean"
     with pytest.raises(ValueError, match="cannot be pruned"):
         passes.eliminate(gm, comb, {group_of(comb, "a.weight", 0).id: np.arange(4)})
+
+
+class MeanElsewhere(nn.Module):
+    """a's channel mean as a feature: the head's input, subtracted from another
+    tensor (c's), or an output besides a norm's statistic. a's channels stay
+    frozen; c's prune."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use, self.a, self.c = use, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.head, self.b, self.d = nn.Linear(64, 4), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y, z = torch.relu(self.a(x)), self.c(x)
+        if self.use == "head":
+            out = self.head(y.mean(1).flatten(1))
+        elif self.use == "other tensor":
+            out = self.b(z - y.mean(1, keepdim=True))
+        else:
+            m = y.pow(2).mean(1, keepdim=True)
+            out = self.b(y * torch.rsqrt(m + 1e-6)), m
+        return out, self.d(torch.relu(z))
+
+
+@pytest.mark.parametrize("use", ["head", "other tensor", "norm and output"])
+def test_a_channel_mean_used_as_a_feature_stays_frozen(use):
+    _, comb = check_op(MeanElsewhere(use), torch.randn(2, 3, 8, 8), [aten.mean.dim])
+    assert group_of(comb, "a.weight", 0).frozen_reason == "reduced by mean"
+    assert group_of(comb, "c.weight", 0).prunable
