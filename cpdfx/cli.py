@@ -22,7 +22,7 @@ import torch
 
 from . import zoo
 from .bench import bench
-from .budget import BudgetError
+from .budget import BudgetError, Target
 from .capture import CaptureError, capture, first_line
 from .compress import compress
 from .data import DataError, resolve_data
@@ -36,6 +36,8 @@ from .prune import prune
 from .ranks import is_main
 from .report import REPORT, format_report
 from .runtime import PROVIDERS
+from .teacher import check_teacher, train_teacher
+from .weights import from_pretrained, load_weights, save_weights
 
 TASKS = ("classification", "segmentation")
 FILE, FOLDER = False, True  # what a subcommand's output arguments name (its `outputs` default)
@@ -48,17 +50,26 @@ class UsageError(Exception):
 # -- models, shapes, data ------------------------------------------------------------------
 
 def load_model(spec: str, task: str = "classification", x: torch.Tensor | None = None,
-               data=None) -> torch.nn.Module:
+               data=None, weights=None) -> torch.nn.Module:
     """A model from a spec:
     - a built-in name (cpdfx.models: resnet, vgg, unet, ...);
     - a file saved by `cpdfx prune`/`cpdfx.save` (*.pt2);
     - `hf:FAMILY` (a small transformers config: resnet, vit, ...) or
       `hf:ConfigClass(key=value, ...)` (any transformers vision config, random
-      weights, built for the task);
+      weights, built for the task), or `hf:PATH`, a local `save_pretrained`
+      folder (its config and trained weights);
     - `package.module:factory` or `package.module:factory(key=value, ...)`.
     A built-in model or a factory that takes `in_channels`, `image_size` or
     `num_classes` gets them from the example input x and the data's classes,
-    unless the spec sets them."""
+    unless the spec sets them. weights: a state dict file (.pt, .pth,
+    .safetensors; see cpdfx.weights) loaded strictly into the model built."""
+    if weights is not None and spec.endswith(".pt2"):
+        raise UsageError(f"--weights {weights}: {spec} is a saved .pt2 model, which carries its own weights")
+    model = _model_from_spec(spec, task, x, data)
+    return model if weights is None else load_weights(model, weights)
+
+
+def _model_from_spec(spec: str, task: str, x, data) -> torch.nn.Module:
     name, kwargs = _call(spec)
     if name in MODELS:
         return _build(spec, MODELS[name], _fit(MODELS[name], kwargs, x, data))
@@ -125,6 +136,8 @@ def _call(spec: str) -> tuple[str, dict]:
 def _transformers_model(name: str, kwargs: dict, task: str) -> torch.nn.Module:
     if name in zoo.FAMILIES:
         return _build(f"hf:{name}", functools.partial(zoo.build, name), kwargs)
+    if Path(name).is_dir() or "/" in name or name.startswith((".", "~")):
+        return _pretrained_model(name, kwargs, task)
     transformers = zoo._hf()
     config_cls = getattr(transformers, name, None)
     if config_cls is None or not name.endswith("Config"):
@@ -136,6 +149,18 @@ def _transformers_model(name: str, kwargs: dict, task: str) -> torch.nn.Module:
         return _build(f"hf:{name}", lambda **kw: auto.from_config(config_cls(**kw)), kwargs)
     except ValueError as err:
         raise UsageError(f"cannot build a {task} model from {name}({kwargs}): {err}") from None
+
+
+def _pretrained_model(path: str, kwargs: dict, task: str) -> torch.nn.Module:
+    """hf:PATH: the model in a local save_pretrained folder, as it was saved."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"hf:{path}: there is no folder {folder}. hf:PATH loads a transformers model saved "
+                         f"with save_pretrained into a local folder; cpdfx never downloads (for a model on "
+                         f"the Hugging Face Hub, save it to a folder first)")
+    if kwargs:
+        raise UsageError(f"hf:{path}: a save_pretrained folder takes no arguments; its config.json sets them")
+    return from_pretrained(folder, task)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -209,11 +234,55 @@ def write_report(report: dict, path: Path) -> None:
     print(f"\nreport written to {path}")
 
 
+TEACHER_FILE = "teacher.pt"  # what --train-teacher leaves in --out, for --weights
+
+
+def ready_teacher(args, teacher, spec: str, weights, weights_flag: str, train, val, out: Path):
+    """The teacher to distil from, and a line for the report saying where its
+    weights came from. With --train-teacher it is trained first on the training
+    split (saved as out/teacher.pt, which --resume reads back). Then it is
+    scored on the validation data (the data's test split: the held-out split
+    cpdfx's data sets have) against chance (cpdfx.teacher), and refused at
+    chance level unless --allow-untrained-teacher: distilling from an untrained
+    model teaches nothing, and the slim model's score would read as a gain."""
+    saved = out / TEACHER_FILE
+    origin = f"weights from {weights}" if weights else "as built (no --weights)"
+    if args.train_teacher and args.resume and saved.is_file():
+        teacher = load_weights(teacher, saved)
+        origin = f"trained by the run resumed here, read back from {saved}"
+    elif args.train_teacher:
+        print(f"training the teacher {spec} on the labels: {args.train_teacher} epoch(s) on "
+              f"{len(train):,} training images")
+        teacher, _ = train_teacher(teacher, train, val, task=args.task, epochs=args.train_teacher,
+                                   batch_size=args.batch_size, lr=args.lr)
+        if is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            save_weights(teacher, saved)
+        origin = (f"{origin}, then trained here on the labels for {args.train_teacher} epoch(s) on "
+                  f"{len(train):,} training images (weights saved as {saved})")
+    check = check_teacher(teacher, val, task=args.task, batch_size=args.batch_size)
+    if not check.trained and not args.allow_untrained_teacher:
+        if args.train_teacher:
+            raise UsageError(
+                f"the teacher {spec}, trained for {args.train_teacher} epoch(s) (saved as {saved}), still scores "
+                f"{check.describe()}: at chance level it would teach the slim model nothing. Train it longer "
+                f"(a larger --train-teacher; {weights_flag} {saved} --train-teacher N continues from it), or "
+                f"pass --allow-untrained-teacher to go on anyway")
+        raise UsageError(
+            f"the teacher {spec}{f' with {weights_flag} {weights}' if weights else ''} scores {check.describe()}: "
+            f"at chance level, as an untrained model is (a model built by name starts from random weights). "
+            f"Distilling from it would teach the slim model nothing, and the slim model's score would read as "
+            f"a gain. Give its trained weights with {weights_flag} PATH (a .pt/.pth state dict or .safetensors), "
+            f"train it here first with --train-teacher EPOCHS, or pass --allow-untrained-teacher to go on anyway")
+    print(f"teacher {spec}: {check.describe()}{'' if check.trained else '; distilling from it anyway'}")
+    return teacher.eval(), [f"original (the teacher): {spec}, {origin}; {check.describe()}."]
+
+
 # -- subcommands -----------------------------------------------------------------------------
 
 def cmd_inspect(args) -> None:
     x = example_input(args)
-    gm = capture(load_model(args.model, args.task, x).eval(), x)
+    gm = capture(load_model(args.model, args.task, x, weights=args.weights).eval(), x)
     groups = comb(gm)
     print(groups.table())
     prunable = sum(g.size for g in groups.prunable)
@@ -223,7 +292,7 @@ def cmd_inspect(args) -> None:
 def cmd_prune(args) -> None:
     data = load_data(args, "train", augment=False) if args.data else None
     x = example_input(args, data)
-    model = load_model(args.model, args.task, x, data).eval()
+    model = load_model(args.model, args.task, x, data, args.weights).eval()
     calibration = None
     if data is not None:
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
@@ -242,9 +311,11 @@ def cmd_prune(args) -> None:
 def cmd_distill(args) -> None:
     train, test = load_data(args, "train"), load_data(args, "test")
     x = example_input(args, train)
-    student = load_model(args.student, args.task, x, train)
-    teacher = load_model(args.teacher, args.task, x, train)
+    student = load_model(args.student, args.task, x, train, args.weights)
+    teacher = load_model(args.teacher, args.task, x, train, args.teacher_weights)
     out = Path(args.out)
+    teacher, _ = ready_teacher(args, teacher, args.teacher, args.teacher_weights, "--teacher-weights", train, test,
+                               out)
     result = distill(student, teacher, train, test, task=args.task,
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labels=args.labels,
                      out_dir=out, resume=args.resume)
@@ -255,7 +326,7 @@ def cmd_distill(args) -> None:
 
 def cmd_export(args) -> None:
     x = example_input(args)
-    path = export_onnx(load_model(args.model, args.task, x), x, args.out, opset=args.opset)
+    path = export_onnx(load_model(args.model, args.task, x, weights=args.weights), x, args.out, opset=args.opset)
     print(f"exported to {path} (checked against onnxruntime)")
 
 
@@ -314,17 +385,19 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_compress(args) -> None:
+    Target(**budget(args))  # a missing or bad budget is refused before a teacher is checked or trained
     train, val = load_data(args, "train"), load_data(args, "test", augment=False)
     x = example_input(args, train)
-    model = load_model(args.model, args.task, x, train).eval()
+    model = load_model(args.model, args.task, x, train, args.weights).eval()
     out = Path(args.out)
+    model, training = ready_teacher(args, model, args.model, args.weights, "--weights", train, val, out)
     result = compress(model, x, train, val, task=args.task, **budget(args), importance=args.importance,
                       prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to, runtime=args.runtime,
                       min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
                       latency_options=latency_options(args), labels=args.labels, out_dir=out / "train",
                       resume=args.resume, batch_size=args.batch_size, lr=args.lr)
     if is_main():  # under torchrun every rank holds the same slim model; one exports, times and reports it
-        ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}")
+        ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}", training=training)
 
 
 def cmd_demo(args) -> None:
@@ -343,9 +416,17 @@ def _share(text: str) -> float:
     return value
 
 
+WEIGHTS_HELP = ("trained weights for {}: a state dict in a .pt/.pth file (torch.save(model.state_dict()); "
+                "a checkpoint dict holding it under 'state_dict', 'model_state_dict' or 'model' works too) or a "
+                ".safetensors file; loaded strictly (every key and shape must fit). Not for a .pt2, which "
+                "carries its weights")
+
+
 def _model_args(p, name="model"):
     p.add_argument(name, help="built-in name (resnet, vgg, unet, ...), a saved *.pt2, hf:FAMILY, "
-                              "hf:ConfigClass(key=value, ...), or package.module:factory")
+                              "hf:ConfigClass(key=value, ...), hf:PATH (a local save_pretrained folder), "
+                              "or package.module:factory")
+    p.add_argument("--weights", help=WEIGHTS_HELP.format(f"the {name}"))
     p.add_argument("--task", choices=TASKS, default="classification", help="default classification")
 
 
@@ -383,6 +464,12 @@ def _training_args(p, out: str) -> None:
     p.add_argument("--no-labels", dest="labels", action="store_false", help="distil without labels")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--train-teacher", type=int, metavar="EPOCHS", default=0,
+                   help="train the teacher on the labels for EPOCHS first; its weights are saved as "
+                        f"{TEACHER_FILE} in --out")
+    p.add_argument("--allow-untrained-teacher", action="store_true",
+                   help="distil even from a teacher at chance level on the validation data (refused by "
+                        "default: it would teach nothing)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "teacher on --data; checkpoints every epoch into --out.")
     _model_args(p, "student")
     p.add_argument("teacher", help="the teacher model, in the same forms as the student")
+    p.add_argument("--teacher-weights", help=WEIGHTS_HELP.format("the teacher"))
     _data_args(p, required=True)
     _training_args(p, out="cpdfx-distill")
     p.set_defaults(run=cmd_distill, outputs={"out": FOLDER})

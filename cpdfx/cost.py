@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from .passes.comb import hints
+from .passes.comb import Inline, hints
 from .passes.ops import OPS
 
 from .capture import as_tuple, capture, is_captured
@@ -38,8 +38,10 @@ def _macs(node):
 
 def mac_terms_by_node(gm: fx.GraphModule) -> list:
     """(node, its terms) for each MAC-counted op (its op-table entry has
-    `macs`): a term is a list of (node, dim) whose sizes multiply."""
-    return [(node, _macs(node)(node)) for node in gm.graph.nodes if _macs(node) is not None]
+    `macs`), in the graph and in the sub-graphs its wrappers run (a `with
+    torch.no_grad()` block; passes.comb.Inline): a term is a list of (node,
+    dim) whose sizes multiply."""
+    return [(node, _macs(node)(node)) for node in Inline(gm).nodes if _macs(node) is not None]
 
 
 def mac_terms(gm: fx.GraphModule) -> list:

@@ -17,7 +17,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .comb import Comb, kept_indices
+from .comb import Comb, Inline, kept_indices
 from .ops import OPS
 
 KEPT = "cpdfx_kept"
@@ -81,11 +81,13 @@ def eliminate(gm: fx.GraphModule, comb: Comb, keep: dict) -> fx.GraphModule:
     for name, dims in kept.items():
         _slice_tensor(slim, name, dims)
     rx = RewriteContext(comb, keep)
-    for node in slim.graph.nodes:
+    inline = Inline(slim)
+    for node in inline.nodes:
         rule = OPS.get(node.target) if node.op == "call_function" else None
         if rule is not None and rule.rewrite is not None and keep:
             rule.rewrite(node, rx)
-    slim.recompile()
+    for module in inline.modules:
+        module.recompile()
     propagate_shapes(slim)
     slim.meta[KEPT] = _compose(gm.meta.get(KEPT, {}), kept)
     return slim
@@ -117,7 +119,8 @@ def _compose(previous: dict, kept: dict) -> dict:
 
 
 def propagate_shapes(gm: fx.GraphModule) -> None:
-    """Recompute node.meta['val'] with the graph's own (symbolic) inputs.
+    """Recompute node.meta['val'] with the graph's own (symbolic) inputs, and
+    in each sub-graph a call runs (comb.Call) with the call's operands.
 
     Guards are suppressed: some meta kernels branch on the batch size to pick
     a memory format (upsample_bilinear2d guards Eq(batch, 2) at an example of
@@ -137,3 +140,6 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
             stack.enter_context(mode.shape_env.suppress_guards())
         stack.enter_context(enable_python_dispatcher())
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+        for call in Inline(gm).calls:  # outer ones first: an inner call's operands are then fresh
+            operands = [v.meta["val"] if isinstance(v, fx.Node) else v for v in call.operands]
+            FakeTensorProp(call.module, mode=mode).propagate_dont_convert_inputs(*operands)

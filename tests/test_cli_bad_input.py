@@ -163,7 +163,7 @@ def test_ctrl_c_stops_a_run_with_a_checkpoint_that_resumes(tmp_path):
     written; `--resume` then finishes the run."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "cpdfx.cli", "distill", "vgg", "vgg", "--data", "digits", "--epochs", "2",
-               "--batch-size", "8", "--out", str(out)]
+               "--batch-size", "8", "--allow-untrained-teacher", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     seen = ""
@@ -179,6 +179,6 @@ def test_ctrl_c_stops_a_run_with_a_checkpoint_that_resumes(tmp_path):
     assert "Traceback" not in rest
     assert files_in(out) == ["last.pt", "metrics.jsonl"]
     resumed = run("distill", "vgg", "vgg", "--data", "digits", "--epochs", "2", "--batch-size", "8",
-                  "--out", str(out), "--resume")
+                  "--allow-untrained-teacher", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "student.pt2").is_file()
