@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     # torch is pinned in constraints.txt (the CPU wheel); see README
     install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "onnxscript", "sympy", "tqdm", "pillow",
-                      "scikit-learn", "matplotlib"],
+                      "scikit-learn", "matplotlib", "safetensors"],
     extras_require={"test": ["pytest", "hypothesis", "transformers>=5"],
                     "bench": ["transformers>=5", "torch-pruning"]},
     entry_points={"console_scripts": ["cpdfx=cpdfx.cli:main"]},
