@@ -223,3 +223,20 @@ def test_distill_checks_its_teacher_too(trained_run, tmp_path, capsys):
     assert "--teacher-weights PATH" in error_line(capsys) and not (tmp_path / "refused").exists()
     assert main([*command, "--teacher-weights", str(trained_run / "teacher.pt"), "--out", str(tmp_path / "ok")]) == 0
     assert (tmp_path / "ok" / "student.pt2").is_file()
+
+
+def test_a_resumed_run_reads_its_trained_teacher_back(tmp_path, monkeypatch, one_thread):
+    """--resume with --train-teacher takes the teacher from --out/teacher.pt,
+    not a second training (which the resumed run's checkpoint would not match)."""
+    command = ["distill", "cli_models:small_digits_net", "cli_models:small_digits_net", "--data", "digits",
+               "--epochs", "1", "--train-teacher", "2", "--out", str(tmp_path)]
+    assert main(command) == 0
+    saved = torch.load(tmp_path / "teacher.pt", weights_only=True)
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("the teacher was trained again")
+
+    monkeypatch.setattr(cli, "train_teacher", trained_again)
+    assert main([*command, "--resume"]) == 0
+    again = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], v) for k, v in saved.items())
