@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
+from .passes.comb import Inline
 from .passes.ops import OPS, arg, set_arg
 
 
@@ -29,8 +30,14 @@ def _stat(node, i):
 
 
 def batch_norms(gm: fx.GraphModule) -> list[fx.Node]:
-    """The graph's batch-norm nodes that keep running statistics."""
-    return [n for n in gm.graph.nodes if _is_batch_norm(n) and _stat(n, 0) is not None]
+    """The graph's batch-norm nodes that keep running statistics, those in
+    wrapped sub-graphs too (passes.comb.Inline)."""
+    return [n for n in Inline(gm).nodes if _is_batch_norm(n) and _stat(n, 0) is not None]
+
+
+def _buffer(gm: fx.GraphModule, inline: Inline, node: fx.Node) -> torch.Tensor:
+    """The buffer a statistic argument reads, followed out of sub-graphs."""
+    return gm.get_buffer(inline.target(inline.origin(node)))
 
 
 @torch.no_grad()
@@ -43,11 +50,10 @@ def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
     (0, and nothing changed, when there were none or no batch norm). An
     error or interrupt midway, or statistics that come out non-finite
     (ValueError), leave them as they were."""
-    norms = batch_norms(gm)
+    norms, inline = batch_norms(gm), Inline(gm)
     if not norms:
         return 0
-    buffers = {n: (gm.get_buffer(_stat(n, 0).target), gm.get_buffer(_stat(n, 1).target))
-               for n in norms}
+    buffers = {n: (_buffer(gm, inline, _stat(n, 0)), _buffer(gm, inline, _stat(n, 1))) for n in norms}
     sums = {n: [torch.zeros_like(mean, dtype=torch.float64), torch.zeros_like(var, dtype=torch.float64)]
             for n, (mean, var) in buffers.items()}
     originals = {n: (mean.clone(), var.clone()) for n, (mean, var) in buffers.items()}
@@ -56,7 +62,7 @@ def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
         entry = OPS[n.target]
         set_arg(n, entry.mode[0], True)  # training: batch statistics
         set_arg(n, entry.running_stats[2], 1.0)  # momentum 1: the running buffers then hold each batch's own
-    gm.recompile()
+    _recompile(inline)
     seen = 0
     try:
         for inputs in batches:
@@ -69,7 +75,7 @@ def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
         for n in norms:
             if seen and not all(torch.isfinite(t).all() for t in sums[n]):
                 raise ValueError(f"re-estimating batch-norm statistics gave non-finite values for "
-                                 f"{_stat(n, 0).target}: a batch of one sample has no variance "
+                                 f"{inline.target(inline.origin(_stat(n, 0)))}: a batch of one sample has no variance "
                                  f"where a batch norm sees one value per channel (after pooling); use "
                                  f"calibration batches of two or more samples, or reestimate_bn=False")
     except BaseException:
@@ -78,8 +84,13 @@ def reestimate_batch_norm(gm: fx.GraphModule, batches: Iterable[tuple]) -> int:
     finally:
         for n, (args, kwargs) in saved.items():
             n.args, n.kwargs = args, kwargs
-        gm.recompile()
+        _recompile(inline)
         for n, (mean, var) in buffers.items():  # the average, or as before when nothing ran through
             mean.copy_(sums[n][0] / seen if seen else originals[n][0])
             var.copy_(sums[n][1] / seen if seen else originals[n][1])
     return seen
+
+
+def _recompile(inline: Inline) -> None:
+    for module in inline.modules:
+        module.recompile()

@@ -32,6 +32,7 @@ import torch
 from .losses import cross_entropy, logits_of
 from .ranks import sum_over_ranks
 
+from .passes.comb import Inline
 from .passes.ops import OPS, arg
 
 
@@ -117,15 +118,15 @@ def _abs_sum(tensor, d):
 
 def _norm_weights(gm) -> dict:
     """The gamma parameters of the graph's norm ops (the argument their op-table
-    entry names `scale`), by name."""
+    entry names `scale`), by name; those in wrapped sub-graphs too."""
     params = dict(gm.named_parameters())
-    names = {}
-    for node in gm.graph.nodes:
+    inline, names = Inline(gm), {}
+    for node in inline.nodes:
         entry = OPS.get(node.target) if node.op == "call_function" else None
         if entry is not None and entry.scale is not None:
-            w = arg(node, entry.scale)
-            if getattr(w, "op", None) == "get_attr" and w.target in params:
-                names[w.target] = params[w.target]
+            w = inline.origin(arg(node, entry.scale))
+            if getattr(w, "op", None) == "get_attr" and inline.target(w) in params:
+                names[inline.target(w)] = params[inline.target(w)]
     return names
 
 

@@ -67,6 +67,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
+from .passes.comb import Inline
 from .passes.ops import OPS, arg, transposed
 
 from .bench import _machine, bench, session_options
@@ -114,7 +115,8 @@ class LatencyModel:
         self.block = block or channel_block(runtime)
         self.values = {s: batch for s in batch_values(gm, example_inputs)}  # every symbolic size is the batch
         self.layers, layer_terms, self.other_terms = [], [], []
-        self.element_terms = [term for node in gm.graph.nodes if (term := _element_term(node, comb, self.values))]
+        self.element_terms = [term for node in Inline(gm).nodes
+                              if (term := _element_term(node, comb, self.values))]
         for node, terms in mac_terms_by_node(gm):
             layer = self._layer(node, comb)
             spaces = [[comb.node_dims[n.name][d] for n, d in term] for term in terms]

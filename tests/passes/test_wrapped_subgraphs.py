@@ -6,11 +6,15 @@ freezes what it touches."""
 import numpy as np
 import torch
 import torch.nn as nn
-from helpers import assert_same_outputs, masked_original, random_keep
+from helpers import assert_same_outputs, in_times_out, masked_original, random_keep
 from torch.utils.flop_counter import FlopCounterMode
 
 import cpdfx
+import cpdfx.latency as latency
 from cpdfx import passes
+from cpdfx.batchnorm import batch_norms
+from cpdfx.importance import _norm_weights
+from cpdfx.passes.comb import Inline
 
 WRAPPERS = {torch.ops.higher_order.wrap_with_autocast, torch.ops.higher_order.wrap_with_set_grad_enabled}
 
@@ -157,3 +161,32 @@ def test_another_higher_order_op_freezes_what_it_touches():
     x3 = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert_same_outputs(slim(x3), masked_original(model, slim.meta["cpdfx_kept"])(x3))
+
+
+def test_batch_norms_inside_a_wrapper_are_reestimated():
+    """reestimate_batch_norm finds the norm under autocast and averages its
+    batch statistics into the buffer it reads from outside."""
+    model = _trained_stats(Wrapped().eval())
+    x = torch.randn(4, 3, 8, 8)
+    gm = cpdfx.capture(model, x)
+    assert len(batch_norms(gm)) == 2
+    assert cpdfx.reestimate_batch_norm(gm, [(x,)]) == 4
+    with torch.no_grad():
+        expected = model.body(torch.relu(model.stem_bn.train()(model.stem(x)))).mean((0, 2, 3))
+    assert torch.allclose(gm.get_buffer("body_bn.running_mean"), expected, atol=1e-5)
+
+
+def test_bn_scale_reads_the_gamma_of_a_norm_inside_a_wrapper():
+    gm = cpdfx.capture(_trained_stats(Wrapped().eval()), torch.randn(2, 3, 8, 8))
+    assert {"stem_bn.weight", "body_bn.weight"} <= set(_norm_weights(gm))
+
+
+def test_the_latency_model_prices_elementwise_work_inside_a_wrapper(monkeypatch):
+    """The ReLU and sigmoid under the wrappers have element terms too."""
+    monkeypatch.setattr(latency, "time_onnx", in_times_out)
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(Wrapped().eval(), x)
+    comb = passes.comb(gm)
+    model = latency.LatencyModel(gm, comb, x, batch=2, block=8, cache=False, progress=False, full_ms=1.0)
+    priced = [n for n in Inline(gm).nodes if latency._element_term(n, comb, model.values)]
+    assert any(n.graph is not gm.graph for n in priced) and len(model.element_terms) == len(priced)
