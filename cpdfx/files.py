@@ -29,7 +29,10 @@ def atomic_path(path):
     the 0600 of mkstemp. The temporary name ends like path (torch.export checks
     the suffix)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as err:  # named as the file asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)
