@@ -147,6 +147,10 @@ def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | N
         raise ValueError("bench needs at least one ONNX model: models={name: path}")
     if samples < 1:
         raise ValueError(f"samples={samples}: bench times each model in at least one sample")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: bench times at least one round of each model")
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads={threads}: give a number of threads, or 0 for the runtime's default")
     available = ort.get_available_providers()
     providers = list(providers or [CPU] + ([CUDA] if CUDA in available else []))
     missing = [p for p in providers if p not in available]
@@ -154,7 +158,7 @@ def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | N
         raise ValueError(f"onnxruntime here has no {', '.join(missing)}; it has {', '.join(available)}")
     torch_models = {name: eval_copy(m) for name, m in (torch_models or {}).items()}
     devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if torch_models else []
-    rank = _input_rank(next(iter(models.values())))
+    rank = _check_inputs(models, inputs_or_shape)
     groups = len(batch_sizes) * (len(providers) * len(models) + len(devices) * len(torch_models))
     bar = tqdm(total=samples * groups * (warmup + repeats), desc="bench", unit="run", disable=not progress)
     rounds = dict(warmup=warmup, repeats=repeats, min_seconds=min_seconds, max_seconds=max_seconds, bar=bar)
@@ -172,17 +176,40 @@ def bench(models: dict, inputs_or_shape, *, batch_sizes=(1, 8), threads: int | N
     return BenchResult(rows, _machine(providers, threads), {k: str(v) for k, v in models.items()})
 
 
-def _input_rank(path) -> int:
+def _input_sizes(path) -> list:
+    """The sizes the model's one input declares: ints, None where free (the batch)."""
     graph = onnx.load(path, load_external_data=False).graph
     if len(graph.input) != 1:
         raise ValueError(f"bench times models with one input; {path} has {len(graph.input)}")
-    return len(graph.input[0].type.tensor_type.shape.dim)
+    return [d.dim_value or None for d in graph.input[0].type.tensor_type.shape.dim]
+
+
+def _check_inputs(models: dict, inputs_or_shape) -> int:
+    """The rank of the models' input, each model's declared sizes checked
+    against one item of the input given: a shape a model cannot run is refused
+    here, before any timing, naming the file."""
+    sizes = {path: _input_sizes(path) for path in models.values()}
+    rank = len(next(iter(sizes.values())))
+    item = _item_shape(inputs_or_shape, rank)
+    for path, declared in sizes.items():
+        if len(declared) != len(item) + 1 or any(d not in (None, s) for d, s in zip(declared[1:], item)):
+            takes = ", ".join(str(d or "any") for d in declared[1:])
+            raise ValueError(f"inputs_or_shape: {path} takes an input of (batch, {takes}), not (batch, "
+                             f"{', '.join(map(str, item))})")
+    return rank
+
+
+def _item_shape(inputs_or_shape, rank: int) -> tuple:
+    """The shape of one item: a shape's last rank - 1 sizes (it may hold the batch), an input's rows."""
+    if isinstance(inputs_or_shape, (tuple, list, torch.Size)):
+        return tuple(inputs_or_shape)[-(rank - 1):] if rank > 1 else ()
+    return tuple(inputs_or_shape.shape[1:])
 
 
 def _batch(inputs_or_shape, batch: int, rank: int) -> np.ndarray:
     """batch inputs: random for a shape, else the given rows repeated."""
     if isinstance(inputs_or_shape, (tuple, list, torch.Size)):
-        shape = tuple(inputs_or_shape)[-(rank - 1):] if rank > 1 else ()
+        shape = _item_shape(inputs_or_shape, rank)
         return np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
     x = np.asarray(inputs_or_shape.detach().cpu() if isinstance(inputs_or_shape, torch.Tensor) else inputs_or_shape)
     return np.resize(x, (batch, *x.shape[1:]))
