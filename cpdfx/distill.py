@@ -51,7 +51,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .files import atomic_path
+from .files import atomic_path, write_text
 from .losses import IGNORE_INDEX, DistillLoss, logits_of, resize_to, same_resolution
 from .ranks import all_reduce, shard
 
@@ -515,7 +515,7 @@ class _Run:
             self._restore(state)
         elif self.out_dir is not None and self.ranks.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / METRICS).write_text("")
+            self._write_log()  # a log left by an earlier run in out_dir goes
         self.model = self._wrap(self.student)
 
     def _restore(self, state: dict) -> None:
@@ -526,7 +526,16 @@ class _Run:
         self.history, self.replaced = state["history"], state["replaced"]
         set_rng_state(state["rng"])
         if self.ranks.main:  # the log may hold an epoch logged after the checkpoint was taken
-            (self.out_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self._write_log()
+
+    def _write_log(self) -> None:
+        """metrics.jsonl as the history has it, one record per epoch; no file
+        before the first record, so a run stopped early leaves no empty log."""
+        path = self.out_dir / METRICS
+        if self.history:
+            write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+        else:
+            path.unlink(missing_ok=True)
 
     def _wrap(self, student: nn.Module) -> nn.Module:
         if self.ranks.world == 1:

@@ -177,7 +177,7 @@ def test_ctrl_c_stops_a_run_with_a_checkpoint_that_resumes(tmp_path):
              if line.strip() and not re.search(r"\d+%\|", line) and not line.startswith("epoch")]
     assert len(notes) <= 3 and any("--resume" in line for line in notes), notes
     assert "Traceback" not in rest
-    assert files_in(out) == ["last.pt", "metrics.jsonl"]
+    assert files_in(out) == ["last.pt"]  # no metrics.jsonl before an epoch has ended
     resumed = run("distill", "vgg", "vgg", "--data", "digits", "--epochs", "2", "--batch-size", "8",
                   "--allow-untrained-teacher", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
