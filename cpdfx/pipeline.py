@@ -5,6 +5,7 @@ in onnxruntime, and write the report, the models and a plot into one folder.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch.utils.data import Subset
 
 from .bench import bench, torch_threads
 from .compress import compress
-from .data import DataError, resolve_data
+from .data import FASHION_ENV, DataError, fashion_root, resolve_data
 from .distill import distill, evaluate
 from .export import export_onnx, save
 from .files import atomic_path, cache_dir, write_json, write_text
@@ -66,7 +67,10 @@ def _markdown(title, summary, timing, report) -> str:
                      f"{summary['params'][name] / 1e6:.3f} M | " + " | ".join(cells) + " |")
     m = timing.machine
     change = (scores["slim"] - scores["original"]) * 100
-    lines += ["", f"{metric}: {change:+.2f} points for the slim model at "
+    lines += ["", "The speed-up is the median, over the timed rounds, of the original's time over the slim "
+              "model's in the same round: it holds while the machine's speed drifts, and so can differ from the "
+              "ratio of the two medians.",
+              "", f"{metric}: {change:+.2f} points for the slim model at "
               f"{summary['macs']['slim'] / summary['macs']['original']:.1%} of the MACs per image.", ""]
     if summary["training"]:
         lines += ["## Training budgets", ""] + [f"- {line}" for line in summary["training"]] + [""]
@@ -84,15 +88,13 @@ def _markdown(title, summary, timing, report) -> str:
 class DemoPlan:
     """What a demo mode trains and times. The teacher trains on the labels
     from scratch; the slim model starts as its copy and is pruned during the
-    first half of its epochs while distilled from it. minutes: the whole demo
-    on an idle 2-core machine (first run, teacher cached), estimated from
-    runs on a shared one, whose load made them 2-3x slower."""
+    first half of its epochs while distilled from it. Image counts are caps:
+    digits has fewer. How long it takes is `demo_seconds`."""
     teacher_images: int
     teacher_epochs: int
     slim_images: int
     slim_epochs: int
     val_images: int | None
-    minutes: tuple
     widths: tuple = (16, 32, 64)
     lr: float = 3e-3
     batch_size: int = 64
@@ -100,22 +102,30 @@ class DemoPlan:
     repeats: int = 30
 
 
-PLANS = {"full": DemoPlan(60000, 4, 60000, 2, None, (10, 4)),
-         "quick": DemoPlan(30000, 1, 24000, 1, 2000, (2, 1), repeats=20)}
+PLANS = {"full": DemoPlan(60000, 4, 60000, 2, None),
+         "quick": DemoPlan(30000, 1, 24000, 1, 2000, repeats=20)}
 
 
 def demo_data(plan: DemoPlan):
     """Fashion-MNIST (scikit-learn's digits when it is not installed), not
     augmented: the short budgets get further on the plain images. The slim
-    model's images are the first of the teacher's."""
+    model's images are the first of the teacher's. Says which data it is, and
+    how to get Fashion-MNIST where it falls back to digits."""
     try:
         train = resolve_data("fashion-mnist", split="train", augment=False, normalize=True)
         val = resolve_data("fashion-mnist", split="test", augment=False, normalize=True)
         name = "Fashion-MNIST"
+        print(f"cpdfx demo: data: Fashion-MNIST from {fashion_root()} (28x28, {len(train):,} training and "
+              f"{len(val):,} test images)")
     except DataError as err:
-        print(f"{err} Using scikit-learn's digits instead.")
         train, val = resolve_data("digits", split="train", augment=False), resolve_data("digits", split="test")
         name = "digits"
+        print(f"cpdfx demo: data: scikit-learn's 8x8 digits ({len(train):,} training and {len(val):,} test "
+              f"images) instead of Fashion-MNIST ({str(err).split('. ')[0].removeprefix('Fashion-MNIST ')}). "
+              f"The demo is meant for "
+              f"Fashion-MNIST (28x28, 60,000 training images; a run of many minutes): install it with "
+              f"`apt-get install dataset-fashion-mnist`, or set {FASHION_ENV} to a folder holding its four IDX "
+              f"files, and run the demo again.")
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(train), generator=g).tolist()
     if plan.val_images and plan.val_images < len(val):
@@ -166,12 +176,41 @@ def _load_weights(model: torch.nn.Module, path: Path) -> bool:
     return True
 
 
-def training_threads(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """1 or all of torch's threads, whichever trains `model` faster now: on a
+def training_speed(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]:
+    """1 or all of torch's threads, whichever trains `model` faster now (on a
     machine whose cores other processes also use, two threads run a small
-    model's training step many times slower than one."""
-    choices = sorted({1, torch.get_num_threads()})
-    return min(choices, key=lambda threads: _step_seconds(model, x, threads)) if len(choices) > 1 else 1
+    model's training step many times slower than one), and the seconds of a
+    training step on x with that many."""
+    seconds = {threads: _step_seconds(model, x, threads) for threads in sorted({1, torch.get_num_threads()})}
+    threads = min(seconds, key=seconds.get)
+    return threads, seconds[threads]
+
+
+FIXED_SECONDS = 30  # start-up, capture, the pruning steps, export and timing: what does not grow with the data
+KD_STEP = 1.4  # a distillation step (teacher forward, student step, importance) in plain training steps
+EVAL_BATCH = 1 / 3  # a validation batch (forward only) in training steps
+
+
+def demo_seconds(plan: DemoPlan, teacher_images: int, slim_images: int, val_images: int, cached: bool,
+                 step: float) -> float:
+    """How long the demo takes on this machine: `step` (the seconds of one
+    training step of the teacher, measured now) times the steps it runs, and
+    what does not grow with the data. On runs of the full and quick plans on
+    a 2-core machine, digits and Fashion-MNIST, this came within ~20% of the
+    time taken (benchmarks/RESULTS.md)."""
+    batches = lambda n: math.ceil(n / plan.batch_size)  # noqa: E731
+    steps, evaluations = KD_STEP * plan.slim_epochs * batches(slim_images), 3 + plan.slim_epochs
+    if not cached:
+        steps += plan.teacher_epochs * batches(teacher_images)
+        evaluations += plan.teacher_epochs
+    return FIXED_SECONDS + step * (steps + EVAL_BATCH * evaluations * batches(val_images))
+
+
+def about(seconds: float) -> str:
+    """'about 40 seconds', 'about 3 minutes': as precise as an estimate is."""
+    if seconds < 90:
+        return f"about {max(10, round(seconds, -1)):.0f} seconds"
+    return f"about {round(seconds / 60)} minutes"
 
 
 def _step_seconds(model, x, threads: int) -> float:
@@ -194,10 +233,12 @@ def run_demo(args, plan: DemoPlan | None = None) -> dict:
     started = time.perf_counter()
     name, teacher_train, slim_train, val = demo_data(plan)
     cached = teacher_path(name, len(teacher_train), plan).is_file()
-    print(f"cpdfx demo: about {plan.minutes[cached]} minute(s) on an idle 2-core machine"
-          f"{'' if cached else '; the teacher is cached after this first run'}")
     x = torch.stack([teacher_train[0][0], teacher_train[1][0]])
-    threads = training_threads(_teacher_model(plan, x.shape[1]), x.repeat(plan.batch_size // 2, 1, 1, 1))
+    threads, step = training_speed(_teacher_model(plan, x.shape[1]), x.repeat(plan.batch_size // 2, 1, 1, 1))
+    seconds = demo_seconds(plan, len(teacher_train), len(slim_train), len(val), cached, step)
+    print(f"cpdfx demo: {about(seconds)} on this machine at its present speed (a training step takes "
+          f"{step * 1000:.0f} ms here); " + ("the teacher comes from the cache" if cached else
+                                           "the teacher is trained in this run, and cached for the next"))
     with torch_threads(threads):
         print(f"1/3 teacher: ResNetTiny {'-'.join(map(str, plan.widths))}, {plan.teacher_epochs} epoch(s) on "
               f"{len(teacher_train)} {name} images, " + ("from the cache" if cached else
