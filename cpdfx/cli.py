@@ -13,6 +13,8 @@ import importlib
 import inspect
 import json
 import logging
+import os
+import re
 import sys
 import tempfile
 import warnings
@@ -29,6 +31,7 @@ from .data import DataError, resolve_data
 from .distill import distill
 from .export import ExportError, LoadError, export_onnx, load, save
 from .files import write_json
+from .importance import resolve as criterion
 from .models import MODELS
 from .passes import comb
 from .pipeline import run_demo, ship
@@ -81,6 +84,7 @@ def _model_from_spec(spec: str, task: str, x, data) -> torch.nn.Module:
     if not attr:
         raise UsageError(f"unknown model {spec!r}: give a built-in name ({', '.join(MODELS)}), a saved "
                          f"*.pt2 file, hf:FAMILY or hf:ConfigClass(...), or package.module:factory")
+    _working_folder_on_path()
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -89,6 +93,14 @@ def _model_from_spec(spec: str, task: str, x, data) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _working_folder_on_path() -> None:
+    """The working folder first on sys.path, where `python -m cpdfx` has it (the
+    console script has its own folder there), so a factory module in it imports."""
+    here = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == here for p in sys.path):
+        sys.path.insert(0, here)
 
 
 def _fit(factory, kwargs: dict, x, data) -> dict:
@@ -182,6 +194,42 @@ def example_input(args, data=None) -> torch.Tensor:
     raise UsageError("give --input-shape (e.g. 2,3,224,224) or --data to take the shape from")
 
 
+def model_and_input(args, data=None, weights=None, default: str | None = None):
+    """The model and the example batch: --input-shape or the data as in
+    example_input, else the shape the model knows (see known_shape), else
+    `default` for a built-in model."""
+    if getattr(args, "input_shape", None) or data is not None:
+        x = example_input(args, data)
+        return load_model(args.model, args.task, x, data, weights), x
+    if default is not None and _call(args.model)[0] in MODELS:
+        x = torch.randn(parse_shape(default))
+        return load_model(args.model, args.task, x, weights=weights), x
+    model = load_model(args.model, args.task, weights=weights)
+    shape = known_shape(args.model, model)
+    if shape is None:
+        raise UsageError(f"give --input-shape (e.g. 2,3,224,224){' or --data' if hasattr(args, 'data') else ''}: "
+                         f"{args.model} does not say what input it takes (a saved .pt2 and an hf: model do)")
+    return model, torch.randn(shape)
+
+
+def known_shape(spec: str, model) -> tuple | None:
+    """The input shape, at batch 2, a model knows: a saved .pt2's from the sizes
+    its input was captured with; a transformers model's channels from its
+    config, its image size from the spec for the hf: families (64, as zoo
+    builds them, unless given) and from the config for the others."""
+    if isinstance(model, torch.fx.GraphModule):
+        inputs = [node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder"]
+        if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
+            return tuple(s if isinstance(s, int) else 2 for s in inputs[0].shape)  # the batch is symbolic
+        return None
+    config = getattr(model, "config", None)
+    if not isinstance(getattr(config, "num_channels", None), int):
+        return None
+    name, kwargs = _call(spec)
+    size = kwargs.get("image_size", 64) if name[3:] in zoo.FAMILIES else getattr(config, "image_size", 64)
+    return (2, config.num_channels, *((size, size) if isinstance(size, int) else size))
+
+
 def load_data(args, split: str, augment=None):
     return resolve_data(args.data, args.task, split, augment=augment, image_size=args.image_size,
                         normalize=args.normalize)
@@ -195,6 +243,9 @@ def budget(args) -> dict:
             raise UsageError(f"--speedup {args.speedup:g}: give how many times faster the slim model should run, "
                              f"a number above 1, e.g. 2")
         out["latency"] = 1.0 / args.speedup
+    if not out:
+        raise UsageError("give a budget: --macs or --params (the share of the original to keep, e.g. 0.5), "
+                         "--speedup (how many times faster, e.g. 2), or more than one")
     return out
 
 
@@ -208,15 +259,19 @@ def count_or_share(value: float):
 
 
 def check_writable(path, folder: bool, flag: str = "--out") -> None:
-    """Refuse, before any work, an output that cannot be written: the folder that
-    would hold it (the nearest one that exists) is probed with a real temporary
-    file, since a read-only file system or a missing permission shows only then."""
+    """Refuse, before any work, an output that cannot be written. A file's folder
+    must exist; a folder is made with any folders above it, so the nearest one
+    that exists is probed, with a real temporary file, since a read-only file
+    system or a missing permission shows only then."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path}: it is a file, and this command writes a folder there")
     if not folder and path.is_dir():
         raise UsageError(f"{flag} {path}: it is a folder; give the file to write, e.g. {path / 'model'}")
     parent = path if folder else path.parent
+    if not folder and not parent.exists():
+        raise UsageError(f"cannot write {path}: the folder {parent} does not exist; make it first, or give "
+                         f"{flag} a file in a folder that exists")
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -281,8 +336,8 @@ def ready_teacher(args, teacher, spec: str, weights, weights_flag: str, train, v
 # -- subcommands -----------------------------------------------------------------------------
 
 def cmd_inspect(args) -> None:
-    x = example_input(args)
-    gm = capture(load_model(args.model, args.task, x, weights=args.weights).eval(), x)
+    model, x = model_and_input(args, weights=args.weights, default="2,3,32,32")
+    gm = capture(model.eval(), x)
     groups = comb(gm)
     print(groups.table())
     prunable = sum(g.size for g in groups.prunable)
@@ -290,15 +345,20 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_prune(args) -> None:
+    shares = budget(args)  # a missing or bad budget is refused before the data and model are read
     data = load_data(args, "train", augment=False) if args.data else None
-    x = example_input(args, data)
-    model = load_model(args.model, args.task, x, data, args.weights).eval()
+    model, x = model_and_input(args, data, args.weights)
+    model = model.eval()
+    if data is None and criterion(args.importance).needs_gradients:
+        print(f"cpdfx prune: warning: --importance {args.importance} scores the channels on the gradients of "
+              f"one random example input of {tuple(x.shape)}, not on images; give --data to score on batches "
+              f"of your data (the batch norms are re-estimated on them too)", file=sys.stderr)
     calibration = None
     if data is not None:
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
                                              generator=torch.Generator().manual_seed(0))
         calibration = [tuple(b) if args.labels else (b[0],) for _, b in zip(range(args.calibration_batches), loader)]
-    slim = prune(model, x, **budget(args), importance=args.importance, calibration=calibration,
+    slim = prune(model, x, **shares, importance=args.importance, calibration=calibration,
                  steps=args.steps, reestimate_bn=args.reestimate_bn, round_to=args.round_to, runtime=args.runtime,
                  min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
                  latency_options=latency_options(args))
@@ -313,6 +373,8 @@ def cmd_distill(args) -> None:
     x = example_input(args, train)
     student = load_model(args.student, args.task, x, train, args.weights)
     teacher = load_model(args.teacher, args.task, x, train, args.teacher_weights)
+    for role, spec, model in (("student", args.student, student), ("teacher", args.teacher, teacher)):
+        check_runs(model, x, f"the {role} {spec}")
     out = Path(args.out)
     teacher, _ = ready_teacher(args, teacher, args.teacher, args.teacher_weights, "--teacher-weights", train, test,
                                out)
@@ -324,9 +386,24 @@ def cmd_distill(args) -> None:
     print(f"\ndistilled student saved to {out / 'student.pt2'}")
 
 
+def check_runs(model, x, what: str) -> None:
+    """Refuse, before any work, a model that cannot run the example batch (a
+    .pt2 captured for other channels or sizes, a model built for other data);
+    its mode is left as it was."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as err:  # a forward raises any kind on an input it cannot take
+        raise UsageError(f"{what} cannot run on the data's input of {tuple(x.shape)}: {type(err).__name__}: "
+                         f"{first_line(err)}") from None
+    finally:
+        model.train(training)
+
+
 def cmd_export(args) -> None:
-    x = example_input(args)
-    path = export_onnx(load_model(args.model, args.task, x, weights=args.weights), x, args.out, opset=args.opset)
+    model, x = model_and_input(args, weights=args.weights)
+    path = export_onnx(model, x, args.out, opset=args.opset)
     print(f"exported to {path} (checked against onnxruntime)")
 
 
@@ -392,8 +469,9 @@ def cmd_compress(args) -> None:
     out = Path(args.out)
     model, training = ready_teacher(args, model, args.model, args.weights, "--weights", train, val, out)
     result = compress(model, x, train, val, task=args.task, **budget(args), importance=args.importance,
-                      prune_steps=args.prune_steps, epochs=args.epochs, round_to=args.round_to, runtime=args.runtime,
-                      min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
+                      prune_steps=args.prune_steps, prune_share=args.prune_share, epochs=args.epochs,
+                      round_to=args.round_to, runtime=args.runtime, min_keep=count_or_share(args.min_keep),
+                      ignore=tuple(args.ignore or ()),
                       latency_options=latency_options(args), labels=args.labels, out_dir=out / "train",
                       resume=args.resume, batch_size=args.batch_size, lr=args.lr)
     if is_main():  # under torchrun every rank holds the same slim model; one exports, times and reports it
@@ -490,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="example input shape (default: from the data)")
     _training_args(p, out="cpdfx-out")
     p.add_argument("--prune-steps", type=int, default=5, help="pruning steps in the first half (default 5)")
+    p.add_argument("--prune-share", type=float, default=0.5,
+                   help="the share of the training steps the pruning steps are spread over (default 0.5)")
     p.set_defaults(run=cmd_compress, outputs={"out": FOLDER})
 
     p = sub.add_parser("prune", help="one-shot prune to a budget and save the slim model",
@@ -500,11 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _data_args(p)
     _budget_args(p)
-    p.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224 (default: from --data)")
+    p.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224 (default: from --data, or the "
+                                         "one a saved .pt2 or an hf: model knows)")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
-    p.add_argument("--steps", type=int, default=1,
-                   help="prune in this many rounds, scoring the smaller graph again in each (default 1)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="prune in this many rounds, scoring the smaller graph again in each (default 5)")
     p.add_argument("--no-bn-reestimate", dest="reestimate_bn", action="store_false",
                    help="keep the batch-norm running statistics of the unpruned model")
     p.add_argument("--no-labels", dest="labels", action="store_false",
@@ -528,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a model's eval behaviour to ONNX with a dynamic batch; the "
                                    "file is checked with onnx.checker and against onnxruntime.")
     _model_args(p)
-    p.add_argument("--input-shape", required=True, help="example input shape, e.g. 2,3,224,224")
+    p.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224 (default: the one a saved .pt2 "
+                                         "or an hf: model knows)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch's exporter writes)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.set_defaults(run=cmd_export, outputs={"out": FILE})
@@ -553,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture a model and print its channel groups: size, whether "
                                    "prunable (or why not), and the parameter dims each one touches.")
     _model_args(p)
-    p.add_argument("--input-shape", default="2,3,32,32", help="example input shape (default 2,3,32,32)")
+    p.add_argument("--input-shape", help="example input shape (default: the one a saved .pt2 or an hf: model "
+                                         "knows; 2,3,32,32 for a built-in model)")
     p.set_defaults(run=cmd_inspect, outputs={})
 
     p = sub.add_parser("demo", help="the main job on built-in defaults (Fashion-MNIST)",
@@ -562,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "them and write report.md and plots into --out.")
     p.add_argument("--macs", type=_share, default=0.5, help="share of MACs to keep (default 0.5)")
     p.add_argument("--importance", default="fisher")
-    p.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller run, a sixth of the training (the demo says how long it takes before it starts)")
     p.add_argument("--out", default="cpdfx-demo", help="output folder (default cpdfx-demo)")
     p.set_defaults(run=cmd_demo, outputs={"out": FOLDER})
     return parser
@@ -571,21 +655,51 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (UsageError, CaptureError, BudgetError, DataError, ExportError, LoadError, ValueError,
                OSError)  # OSError: a file that cannot be read or written (missing, read-only, disk full)
 
+# The Python API's argument names as the library's errors write them, and the flags that
+# set them: the CLI tells those errors in its own terms (see in_flags).
+FLAGS = {"macs": "--macs", "params": "--params", "latency": "--speedup", "steps": "--steps",
+         "prune_steps": "--prune-steps", "prune_share": "--prune-share", "epochs": "--epochs",
+         "batch_size": "--batch-size", "lr": "--lr", "out_dir": "--out", "resume": "--resume",
+         "labels=False": "--no-labels", "task": "--task", "importance": "--importance", "round_to": "--round-to",
+         "min_keep": "--min-keep", "ignore": "--ignore", "runtime": "--runtime",
+         "latency_options tolerance": "--speedup-tolerance", "inputs_or_shape": "--input-shape",
+         "repeats": "--repeats", "min_seconds": "--min-seconds", "samples": "--samples", "threads": "--threads"}
+_NAMES = re.compile(r"(?<![\w./-])(%s)(?![\w/])(?:=('[^']*'|[^\s,;:)]*))?"
+                    % "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)))
+
+
+def in_flags(message: str) -> str:
+    """A library error's message in the CLI's terms: each name of FLAGS written
+    name=value or name= becomes its flag and value (latency= becomes --speedup,
+    its inverse), and so does a bare name that is no plain word (out_dir)."""
+    def flag(match):
+        name, value = match.groups()
+        if value is None and not re.search(r"[_ =]", name):
+            return match.group(0)  # steps, epochs, samples: words of the sentence
+        value = (value or "").strip("'\"")
+        if name == "latency" and re.fullmatch(r"\d*\.?\d+(e-?\d+)?", value) and float(value) > 0:
+            value = f"{1 / float(value):g}"
+        return FLAGS[name] + (f" {value}" if value not in ("", "True") else "")
+    return _NAMES.sub(flag, message)
+
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's pytree deprecations, per copy
-    torch._logging.set_logs(all=logging.CRITICAL)  # torch.export's own notes; failures get ours
+    command = "cpdfx"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"cpdfx {args.command}"
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch's pytree deprecations, per copy
+        torch._logging.set_logs(all=logging.CRITICAL)  # torch.export's own notes; failures get ours
         for dest, folder in args.outputs.items():
             if getattr(args, dest, None) is not None:
                 check_writable(getattr(args, dest), folder, "--" + dest)
         args.run(args)
-    except USER_ERRORS as err:
-        print(f"cpdfx {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    except USER_ERRORS as err:  # the CLI's own errors are in its terms already
+        message = str(err) if isinstance(err, UsageError) else in_flags(str(err))
+        print(f"{command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cpdfx {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     return 0
 

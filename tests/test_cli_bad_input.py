@@ -98,7 +98,8 @@ def test_bench_names_a_damaged_onnx_model_in_any_position(onnx_files, damaged, s
 def test_a_damaged_saved_model_is_refused_by_every_command_that_reads_one(content, tmp_path):
     path = tmp_path / "model.pt2"
     if content == "truncated":
-        assert run("prune", "vgg", *SHAPE, "--macs", "0.5", "--importance", "l2", "--out", str(path)).returncode == 0
+        assert run("prune", "vgg", *SHAPE, "--macs", "0.5", "--importance", "l2", "--steps", "1",
+                   "--out", str(path)).returncode == 0
         data = path.read_bytes()
         content = data[: len(data) // 2]
     path.write_bytes(content)
@@ -127,13 +128,14 @@ def test_a_corrupt_image_in_a_data_folder_is_named(corrupt, tmp_path):
     data = tmp_path / "data"
     bad = _image_folder(data, corrupt)
     out = tmp_path / "out"
+    out.mkdir()  # the folder of prune's --out file must exist
     for command in (["prune", "vgg", "--data", str(data), "--image-size", "16", "--macs", "0.5",
                      "--importance", "fisher", "--batch-size", "12", "--out", str(out / "slim.pt2")],
                     ["distill", "vgg", "vgg", "--data", str(data), "--image-size", "16", "--epochs", "1",
                      "--batch-size", "12", "--out", str(out)]):
         assert_refused(run(*command), "cannot read the image", str(bad))
     assert not (out / "slim.pt2").exists()
-    assert [f for f in files_in(tmp_path) if not f.startswith("data")] in ([], ["out/metrics.jsonl"])
+    assert [f for f in files_in(tmp_path) if not f.startswith("data")] == []
 
 
 def test_damaged_fashion_mnist_files_are_named(tmp_path):
