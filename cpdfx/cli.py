@@ -250,7 +250,7 @@ def budget(args) -> dict:
 
 
 def latency_options(args) -> dict:
-    return {"batch": args.latency_batch}
+    return {"batch": args.latency_batch, "tolerance": args.speedup_tolerance}
 
 
 def count_or_share(value: float):
@@ -522,6 +522,9 @@ def _budget_args(p):
     p.add_argument("--speedup", type=float, help="how many times faster in onnxruntime, e.g. 2 (the latency "
                                                   "budget 1/speedup, timed on this machine)")
     p.add_argument("--latency-batch", type=int, default=8, help="the batch --speedup is timed at (default 8)")
+    p.add_argument("--speedup-tolerance", type=float, default=0.0,
+                   help="keep a model up to this share slower than --speedup asks when none lands within 7%% "
+                        "(e.g. 0.2; default 0: refuse, naming the speed-ups measured); never one more than 7%% faster")
     p.add_argument("--importance", default="fisher",
                    help="fisher (default), taylor, l1, l2, bn_scale, random (compress also: learned)")
     p.add_argument("--round-to", type=int, default=None,
@@ -662,7 +665,8 @@ FLAGS = {"macs": "--macs", "params": "--params", "latency": "--speedup", "steps"
          "batch_size": "--batch-size", "lr": "--lr", "out_dir": "--out", "resume": "--resume",
          "labels=False": "--no-labels", "task": "--task", "importance": "--importance", "round_to": "--round-to",
          "min_keep": "--min-keep", "ignore": "--ignore", "runtime": "--runtime",
-         "latency_options tolerance": "--speedup-tolerance", "inputs_or_shape": "--input-shape",
+         "latency_options tolerance": "--speedup-tolerance", "latency_options batch": "--latency-batch",
+         "inputs_or_shape": "--input-shape",
          "repeats": "--repeats", "min_seconds": "--min-seconds", "samples": "--samples", "threads": "--threads"}
 _NAMES = re.compile(r"(?<![\w./-])(%s)(?![\w/])(?:=('[^']*'|[^\s,;:)]*))?"
                     % "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)))

@@ -304,10 +304,10 @@ def _missed(goal: float, tried: list, smallest: bool, accept: float, rules: Cons
     closest = min(speedups, key=lambda s: abs(math.log(s * goal)))
     short = 1 - closest * goal
     hint = (f"; or latency_options tolerance={math.ceil(short * 100) / 100:g} keeps the x{closest:.2f}"
-            if short > accept else "")
+            if short > accept else "")  # the ceiling: a tolerance of exactly the miss may round below it
     return BudgetError(f"latency={goal:g} (x{1 / goal:.2f}) was not reached: the pruned models measured {measured} "
                        f"in onnxruntime, and {reach}. Ask for a speed-up in the range measured, give a macs= budget, "
-                       f"or time at a larger batch (latency_options batch=){hint}")
+                       f"or time at a larger latency_options batch={hint}")
 
 
 def _miss(share: float, goal: float) -> float:
