@@ -9,10 +9,12 @@ import re
 import subprocess
 import sys
 import sysconfig
+from importlib.metadata import entry_points
 
 import onnx
 import pytest
 
+import cpdfx.__main__ as launcher
 import cpdfx.cli
 from cpdfx.bench import BenchResult
 from cpdfx.cli import build_parser, main
@@ -206,3 +208,23 @@ def test_report_md_says_what_its_speed_up_column_is():
     table_end = text.index("| slim |")
     note = text[table_end:].split("\n")[2]  # the line after the table's blank line
     assert "speed-up" in note and "median" in note and "ratio" in note, note
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_with_one_line(monkeypatch, capsys):
+    """The `cpdfx` script starts in cpdfx.__main__.main, which imports the CLI (and
+    torch) itself: Ctrl-C during those seconds is one line and exit 130, not a
+    traceback. `import cpdfx` alone loads no torch."""
+    assert [e.value for e in entry_points(group="console_scripts", name="cpdfx")] == ["cpdfx.__main__:main"]
+    real = __import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 1 and name == "cli":
+            raise KeyboardInterrupt
+        return real(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr("builtins.__import__", interrupted)
+    assert launcher.main() == 130
+    assert capsys.readouterr().err == "cpdfx: interrupted\n"
+    monkeypatch.undo()
+    code = "import sys, cpdfx; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False"]
