@@ -123,7 +123,7 @@ def demo_data(plan: DemoPlan):
         print(f"cpdfx demo: data: scikit-learn's 8x8 digits ({len(train):,} training and {len(val):,} test "
               f"images) instead of Fashion-MNIST ({str(err).split('. ')[0].removeprefix('Fashion-MNIST ')}). "
               f"The demo is meant for "
-              f"Fashion-MNIST (28x28, 60,000 training images; a run of many minutes): install it with "
+              f"Fashion-MNIST (28x28, 60,000 training images; 17-28 minutes on 2 cores): install it with "
               f"`apt-get install dataset-fashion-mnist`, or set {FASHION_ENV} to a folder holding its four IDX "
               f"files, and run the demo again.")
     g = torch.Generator().manual_seed(0)
@@ -187,7 +187,7 @@ def training_speed(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]
 
 
 FIXED_SECONDS = 30  # start-up, capture, the pruning steps, export and timing: what does not grow with the data
-KD_STEP = 1.4  # a distillation step (teacher forward, student step, importance) in plain training steps
+KD_STEP = 1.3  # a distillation step (teacher forward, student step, importance) in plain training steps
 EVAL_BATCH = 1 / 3  # a validation batch (forward only) in training steps
 
 
@@ -195,9 +195,12 @@ def demo_seconds(plan: DemoPlan, teacher_images: int, slim_images: int, val_imag
                  step: float) -> float:
     """How long the demo takes on this machine: `step` (the seconds of one
     training step of the teacher, measured now) times the steps it runs, and
-    what does not grow with the data. On runs of the full and quick plans on
-    a 2-core machine, digits and Fashion-MNIST, this came within ~20% of the
-    time taken (benchmarks/RESULTS.md)."""
+    what does not grow with the data. On a 2-core machine shared with other
+    work: digits, full plan, 38 s estimated for 50 s taken (teacher cached: 33
+    for 29); Fashion-MNIST, quick plan, 200 s for 198 s (cached: 113 for 92);
+    Fashion-MNIST, full plan, 17 min taken, where the step the teacher then
+    trained at gives 18 min. The step is timed once, at the start: a burst of
+    load then (twice the step time) doubles the estimate."""
     batches = lambda n: math.ceil(n / plan.batch_size)  # noqa: E731
     steps, evaluations = KD_STEP * plan.slim_epochs * batches(slim_images), 3 + plan.slim_epochs
     if not cached:

@@ -2,6 +2,8 @@
 demo falls back to without Fashion-MNIST): the report's MACs are per image,
 its groups-pruned count is the groups that shrank, the teacher comes from the
 cache on the second call, and the files the demo writes are 0644."""
+import contextlib
+import io
 import json
 import os
 import types
@@ -13,7 +15,7 @@ import cpdfx
 from cpdfx import pipeline
 from cpdfx.models import ResNetTiny
 
-TINY = pipeline.DemoPlan(640, 1, 640, 1, 200, (1, 1), repeats=3)
+TINY = pipeline.DemoPlan(640, 1, 640, 1, 200, repeats=3)
 WRITTEN = ("bench.json", "latency.png", "report.json", "report.md", "summary.json")
 
 
@@ -35,10 +37,13 @@ def demo(tmp_path_factory, one_thread):
         umask = os.umask(0o022)
         try:
             args = types.SimpleNamespace(quick=True, macs=0.5, importance="fisher", out=str(folder / "out"))
-            summary = pipeline.run_demo(args, TINY)
+            with contextlib.redirect_stdout(io.StringIO()) as printed:
+                summary = pipeline.run_demo(args, TINY)
         finally:
             os.umask(umask)
+        print(printed.getvalue())
         yield types.SimpleNamespace(name=name, out=folder / "out", summary=summary, trainings=len(trainings),
+                                    printed=printed.getvalue().splitlines(),
                                     teacher_unchanged=path.stat().st_mtime_ns == before,
                                     x1=train[0][0][None], path=path, train=train, val=val)
 
@@ -47,6 +52,29 @@ def test_falls_back_to_digits_and_reuses_the_cached_teacher(demo):
     assert demo.name == "digits"
     assert demo.trainings == 1 and demo.teacher_unchanged
     assert "loaded from the cache" in (demo.out / "report.md").read_text()
+
+
+def test_says_which_data_and_how_long_before_it_starts(demo):
+    """The data first, with how to get Fashion-MNIST; then an estimate for
+    this data and this machine, in seconds for digits (not "10 minutes")."""
+    data, estimate = demo.printed[:2]
+    assert data.startswith("cpdfx demo: data: scikit-learn's 8x8 digits (1,347 training and 450 test images)")
+    assert "apt-get install dataset-fashion-mnist" in data and "CPDFX_FASHION_MNIST" in data
+    assert estimate.startswith("cpdfx demo: about ") and " seconds on this machine" in estimate
+    assert "the teacher comes from the cache" in estimate
+
+
+def test_the_estimate_follows_the_data_and_the_cache():
+    """The full plan at a step of 50 ms (digits here) and 170 ms (Fashion-MNIST
+    on a shared 2-core machine): under a minute on digits' 1,347 images, near
+    twenty on Fashion-MNIST's 60,000 (runs there took 50 s and 17 min), and
+    less with the teacher cached. The old fixed text said 10 minutes for both."""
+    full = pipeline.PLANS["full"]
+    digits = pipeline.demo_seconds(full, 1347, 1347, 450, cached=False, step=0.05)
+    fashion = pipeline.demo_seconds(full, 60000, 60000, 10000, cached=False, step=0.17)
+    cached = pipeline.demo_seconds(full, 60000, 60000, 10000, cached=True, step=0.17)
+    assert pipeline.about(digits) == "about 40 seconds"
+    assert pipeline.about(fashion) == "about 19 minutes" and pipeline.about(cached) == "about 8 minutes"
 
 
 def test_report_macs_are_per_image(demo):
