@@ -15,5 +15,5 @@ setup(
                       "scikit-learn", "matplotlib", "safetensors"],
     extras_require={"test": ["pytest", "hypothesis", "transformers>=5"],
                     "bench": ["transformers>=5", "torch-pruning"]},
-    entry_points={"console_scripts": ["cpdfx=cpdfx.__main__:main"]},
+    scripts=["bin/cpdfx"],  # not an entry point: see the script
 )

@@ -2,47 +2,25 @@
 
 capture -> comb -> importance -> budget -> eliminate, on torch.fx graphs from torch.export.
 """
-import importlib
+from .passes import comb, eliminate, set_mode
 
+from .batchnorm import reestimate_batch_norm
+from .bench import BenchResult, bench
+from .capture import CaptureError, capture
+from .compress import CompressResult, compress
+from .cost import Cost, cost
+from .data import DataError, resolve_data
+from .distill import DistillResult, distill, evaluate
+from .export import ExportError, LoadError, export_onnx, load, save
+from .importance import CRITERIA, Criterion
+from .losses import DistillLoss
+from .budget import BudgetError, Constraints, Target
+from .prune import prune
+from .pruner import Pruner, slice_optimizer
+from .report import format_report
 from .version import __version__
 
-# The public API by the module that defines it, imported on first use (PEP 562): `import
-# cpdfx` stays light, so that the command line answers Ctrl-C with exit 130 while torch loads.
-_EXPORTS = {
-    "passes": ("comb", "eliminate", "set_mode"),
-    "batchnorm": ("reestimate_batch_norm",),
-    "bench": ("BenchResult", "bench"),
-    "capture": ("CaptureError", "capture"),
-    "compress": ("CompressResult", "compress"),
-    "cost": ("Cost", "cost"),
-    "data": ("DataError", "resolve_data"),
-    "distill": ("DistillResult", "distill", "evaluate"),
-    "export": ("ExportError", "LoadError", "export_onnx", "load", "save"),
-    "importance": ("CRITERIA", "Criterion"),
-    "losses": ("DistillLoss",),
-    "budget": ("BudgetError", "Constraints", "Target"),
-    "prune": ("prune",),
-    "pruner": ("Pruner", "slice_optimizer"),
-    "report": ("format_report",),
-}
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = ["__version__", *sorted(_HOME)]
-
-
-def __getattr__(name: str):
-    """A name of the API from its module, or a submodule (cpdfx.latency), once asked for."""
-    if name in _HOME:
-        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
-    else:
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
+__all__ = ["__version__", "BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Target",
+           "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
+           "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
+           "load", "prune", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer"]
