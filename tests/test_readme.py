@@ -1,6 +1,9 @@
-"""The README says what the code does: its Python example runs as written, and
-every option its CLI synopsis shows is one the command takes."""
+"""The README and docs/ say what the code does: the README's Python example runs
+as written, every option a CLI line in them shows is one the command takes, and
+every page they link to exists."""
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -8,13 +11,15 @@ import pytest
 
 from cpdfx.cli import build_parser
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+README = os.path.join(ROOT, "README.md")
+PAGES = [README, *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
 
-def blocks(language: str) -> list[str]:
-    """The README's fenced code blocks tagged `language` ("" for untagged ones)."""
+def blocks(language: str, page: str = README) -> list[str]:
+    """A page's fenced code blocks tagged `language` ("" for untagged ones)."""
     found, current = [], None
-    with open(README, encoding="utf-8") as f:
+    with open(page, encoding="utf-8") as f:
         for line in f:
             if line.startswith("```"):
                 if current is None:
@@ -39,9 +44,9 @@ def test_the_python_example_runs_as_written(tmp_path, monkeypatch, one_thread):
 
 
 def synopsis() -> list[tuple[str, list[str]]]:
-    """(command, options) of every CLI line in the untagged blocks: `cpdfx ...`, and
-    `torchrun ... -m cpdfx ...` (torchrun's own options are not the CLI's)."""
-    lines = [line.split() for b in blocks("") for line in b.splitlines()
+    """(command, options) of every CLI line in the pages' untagged blocks: `cpdfx
+    ...`, and `torchrun ... -m cpdfx ...` (torchrun's own options are not the CLI's)."""
+    lines = [line.split() for page in PAGES for b in blocks("", page) for line in b.splitlines()
              if line.startswith("cpdfx ") or line.startswith("torchrun ") and " -m cpdfx " in line]
     lines = [words[words.index("cpdfx"):] for words in lines]
     assert len(lines) > 1, "the README has no CLI synopsis"
@@ -69,3 +74,9 @@ def test_the_installed_package_is_found_from_any_folder(tmp_path):
     assert result.returncode == 0, (f"install cpdfx as the README says (editable_mode=strict):\n"
                                     f"{result.stderr[-2000:]}")
     assert result.stdout.split() == ["True", "True", "None"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=os.path.basename)
+def test_every_page_linked_exists(page):
+    for target in re.findall(r"\]\(([^)#]+\.md)\)", open(page, encoding="utf-8").read()):
+        assert os.path.isfile(os.path.join(os.path.dirname(page), target)), f"{page} links to {target}"
