@@ -20,6 +20,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import torch
 
 from . import zoo
@@ -427,8 +429,6 @@ def cmd_bench(args) -> None:
 def _read_onnx(path):
     """The model at path, refused here when onnxruntime could not run it: before
     any timing starts, and naming the file."""
-    import onnx
-    import onnxruntime as ort
     if not Path(path).is_file():
         raise UsageError(f"no ONNX file at {path!r}")
     try:

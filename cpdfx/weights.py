@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import zoo
 from .files import atomic_path
@@ -51,9 +53,6 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:

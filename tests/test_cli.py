@@ -1,8 +1,10 @@
 """The cpdfx command: subcommands end to end, and errors as one paragraph with exit 2."""
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import onnx
 import pytest
@@ -14,10 +16,24 @@ from cpdfx.cli import main
 HERE = os.path.dirname(__file__)
 
 
-def run(*args, cwd=None, env=None):
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cpdfx.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=cwd)
+def run(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """The cpdfx command on args, run in this process as the script runs it
+    (main()), from the folder cwd with the variables env set: its exit code and
+    what it printed. A fresh process would spend seconds importing torch on
+    every call; the tests of what only a process shows (the script's start,
+    signals) start one themselves."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        if cwd is not None:
+            patch.chdir(cwd)
+        patch.setattr(sys, "path", list(sys.path))  # a factory spec puts the working folder on it
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:  # --help, and argparse's own usage errors
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_inspect_prints_the_groups_table():
