@@ -250,7 +250,7 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
     Where the tables say the target is out of reach, the smallest model they
     allow is measured all the same: they overrate what is fixed in a small
     model (every op alone pays onnxruntime's per-run overhead)."""
-    asked, best, share, smallest, tried = target.latency, None, None, False, []
+    asked, best, share, smallest, tried, macs = target.latency, None, None, False, [], []
     current = goal / target.latency  # the graph's own time as a share of the original's
     timed = []  # (counts, measured share of the graph's own time, asked, the plan's price when asked)
     for round_ in range(rounds):
@@ -264,6 +264,7 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
         slim = eliminate(gm, comb, chosen.keep)
         share = measured.share(slim)
         tried.append((asked, share))
+        macs.append(chosen.after.macs / chosen.before.macs)
         timed.append((chosen.counts, share / current, asked, latency_model(chosen.counts)))
         latency_model.calibrate([(counts, own) for counts, own, _, _ in timed])
         closer = best is None or _miss(share, goal) < _miss(best[2], goal)
@@ -276,7 +277,8 @@ def to_latency(gm, comb, example_inputs, target: Target, goal: float, measured: 
         asked = _next_ask([(a * latency_model(counts) / price, own * current) for counts, own, a, price in timed],
                           goal, slack)
     if best is None:
-        raise _missed(goal, tried, smallest, accept, plan_options.get("rules") or Constraints())
+        raise _missed(goal, [share for _, share in tried], macs, smallest, accept,
+                      plan_options.get("rules") or Constraints())
     return (*best, tried)
 
 
@@ -288,26 +290,28 @@ def landed(share: float, goal: float, accept: float = ACCEPT, tolerance: float =
     return 1 - max(accept, tolerance) <= ratio <= 1 + accept
 
 
-def _missed(goal: float, tried: list, smallest: bool, accept: float, rules: Constraints) -> BudgetError:
+def _missed(goal: float, shares: list, macs: list, smallest: bool, accept: float, rules: Constraints) -> BudgetError:
     """The error of a latency budget that did not land: the speed-up asked,
-    the range the pruned models measured, and what to do about it."""
-    speedups = sorted(1 / share for _, share in tried)
-    low, high = f"x{speedups[0]:.2f}", f"x{speedups[-1]:.2f}"
-    measured = (low if len(speedups) == 1 else f"{low} in each of {len(speedups)} rounds" if low == high else
-                f"between {low} and {high} in {len(speedups)} rounds")
-    if smallest and speedups[-1] < (1 - accept) / goal:
+    what each round's model measured and at what share of the MACs (where the
+    share is far below the time's, the model is overhead-bound), and what to
+    do about it."""
+    rounds = sorted(zip((1 / s for s in shares), macs))
+    measured = ", ".join(f"x{speedup:.2f} ({share:.2g} of the MACs)" for speedup, share in rounds)
+    fastest = rounds[-1][0]
+    if smallest and fastest < (1 - accept) / goal:
         reach = (f"the smallest model the constraints allow (min_keep={rules.min_keep}, every group at its "
-                 f"minimum width) runs x{speedups[-1]:.2f} faster, so x{1 / goal:.2f} cannot be reached")
+                 f"minimum width) runs x{fastest:.2f} faster, so x{1 / goal:.2f} cannot be reached")
     else:
-        reach = (f"none within {accept:.0%} of it: where the pruned model's time is mostly fixed per-op overhead "
-                 f"(small inputs, few layers), a few channels more or less jump the speed-up past the one asked")
-    closest = min(speedups, key=lambda s: abs(math.log(s * goal)))
+        reach = (f"none within {accept:.0%} of x{1 / goal:.2f}: where a model's time is mostly fixed per-op "
+                 f"overhead (small inputs, few layers), a few channels more or less jump the speed-up past the "
+                 f"one asked")
+    closest = min((speedup for speedup, _ in rounds), key=lambda s: abs(math.log(s * goal)))
     short = 1 - closest * goal
     hint = (f"; or latency_options tolerance={math.ceil(short * 100) / 100:g} keeps the x{closest:.2f}"
-            if short > accept else "")  # the ceiling: a tolerance of exactly the miss may round below it
-    return BudgetError(f"latency={goal:g} (x{1 / goal:.2f}) was not reached: the pruned models measured {measured} "
-                       f"in onnxruntime, and {reach}. Ask for a speed-up in the range measured, give a macs= budget, "
-                       f"or time at a larger latency_options batch={hint}")
+            if accept < short <= 0.5 else "")  # the ceiling: a tolerance of exactly the miss may round below it
+    return BudgetError(f"latency={goal:g} (x{1 / goal:.2f}) was not reached: in {len(rounds)} round(s) the pruned "
+                       f"models measured {measured} in onnxruntime, and {reach}. Ask for a speed-up in the range "
+                       f"measured, give a macs= budget, or time at a larger latency_options batch={hint}")
 
 
 def _miss(share: float, goal: float) -> float:
