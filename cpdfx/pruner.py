@@ -296,7 +296,7 @@ def _missed(goal: float, shares: list, macs: list, smallest: bool, accept: float
     share is far below the time's, the model is overhead-bound), and what to
     do about it."""
     rounds = sorted(zip((1 / s for s in shares), macs))
-    measured = ", ".join(f"x{speedup:.2f} ({share:.2g} of the MACs)" for speedup, share in rounds)
+    measured = ", ".join(f"x{speedup:.2f} ({share:.1%} of the MACs)" for speedup, share in rounds)
     fastest = rounds[-1][0]
     if smallest and fastest < (1 - accept) / goal:
         reach = (f"the smallest model the constraints allow (min_keep={rules.min_keep}, every group at its "
