@@ -106,7 +106,12 @@ def _compress_worker(rank, port, out, resume):
         result = compress(_teacher(), X, train, val, out_dir=out / "run", resume=resume, **RUN)
         saved = {"weights": result.model.state_dict(), "report": result.report}
     except KeyboardInterrupt:
-        saved = {"stopped": True}
+        # Leaving this handler frees the interrupted run's frames, and with them DDP's and gloo's objects,
+        # whose teardown hung once in a fresh-clone run (7 min, no Python frame below this line; gloo's own
+        # tracker has such a hang, pytorch/gloo#155). The checkpoint is written by then: record, and leave
+        # without running destructors.
+        torch.save({"stopped": True, "keeps": keeps, "writes": writes}, out / f"stopped{rank}.pt")
+        os._exit(0)
     torch.save({**saved, "keeps": keeps, "writes": writes}, out / f"{'resumed' if resume else 'stopped'}{rank}.pt")
 
 
