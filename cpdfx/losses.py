@@ -21,6 +21,7 @@ IGNORE_INDEX = 255
 KINDS = {"classification": ("kd", "dist"), "segmentation": ("kd", "cwd")}
 DEFAULT_KIND = {"classification": "kd", "segmentation": "cwd"}
 DEFAULT_TEMPERATURE = {"kd": 4.0, "dist": 1.0, "cwd": 4.0}
+DEFAULT_ALPHA = 1.0  # the distillation term's weight, next to the label loss at weight 1
 
 
 def logits_of(output) -> torch.Tensor:
@@ -115,15 +116,20 @@ DISTILL = {"kd": kd_loss, "dist": dist_loss, "cwd": cwd_loss}
 
 
 class DistillLoss(nn.Module):
-    """(1 - alpha) * cross-entropy + alpha * distillation, or distillation alone
-    when labels=False.
+    """cross-entropy + alpha * distillation, or distillation alone when
+    labels=False.
+
+    The label loss keeps its full weight whatever alpha is, as in CPD and the
+    CWD paper: the teacher term is added to supervised training, not traded
+    against it, so alpha=0 is exactly plain training (compress's `plain` arm)
+    and a comparison of the two changes one thing, the teacher term.
 
     task: "classification" (kind "kd" or "dist") or "segmentation" (kind "kd",
     pixel-wise, or "cwd"); temperature defaults to 4 for kd/cwd and 1 for dist.
     `terms` gives the weighted parts by name (for logging); calling the module
     gives their sum."""
 
-    def __init__(self, task: str = "classification", kind: str | None = None, alpha: float = 0.5,
+    def __init__(self, task: str = "classification", kind: str | None = None, alpha: float = DEFAULT_ALPHA,
                  temperature: float | None = None, labels: bool = True, ignore_index: int = IGNORE_INDEX):
         super().__init__()
         if task not in KINDS:
@@ -132,8 +138,9 @@ class DistillLoss(nn.Module):
         if kind not in KINDS[task]:
             raise ValueError(f"distillation kind {kind!r} does not fit {task}: choose one of "
                              f"{', '.join(KINDS[task])}")
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha={alpha} weighs distillation against cross-entropy and must be in [0, 1]")
+        if not alpha >= 0:
+            raise ValueError(f"alpha={alpha} is the weight of the distillation term added to the cross-entropy "
+                             f"and must be >= 0")
         self.task, self.kind, self.alpha, self.labels = task, kind, alpha, labels
         self.temperature = DEFAULT_TEMPERATURE[kind] if temperature is None else temperature
         self.ignore_index = ignore_index
@@ -153,7 +160,7 @@ class DistillLoss(nn.Module):
         if not self.labels:
             return {self.kind: distill}
         ce = cross_entropy(s, target, self.ignore_index)
-        return {"ce": (1 - self.alpha) * ce, self.kind: self.alpha * distill}
+        return {"ce": ce, self.kind: self.alpha * distill}
 
     def forward(self, student_out, teacher_out, target=None) -> torch.Tensor:
         return sum(self.terms(student_out, teacher_out, target).values())
