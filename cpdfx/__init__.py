@@ -9,7 +9,7 @@ from .bench import BenchResult, bench
 from .capture import CaptureError, capture
 from .compress import CompressResult, compress
 from .cost import Cost, cost
-from .data import DataError, resolve_data
+from .data import DataError, resolve_data, split_off
 from .distill import DistillResult, distill, evaluate
 from .export import ExportError, LoadError, export_onnx, load, save
 from .importance import CRITERIA, Criterion
@@ -23,4 +23,5 @@ from .version import __version__
 __all__ = ["__version__", "BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Target",
            "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
            "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
-           "load", "prune", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer"]
+           "load", "prune", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer",
+           "split_off"]

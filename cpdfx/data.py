@@ -9,6 +9,11 @@ by (seed, epoch, index), not the global RNG: the same sample gets the same
 augmentation whatever the worker, rank or order that loads it, which is what
 lets a resumed or distributed run see exactly the data of a single one.
 `set_epoch(epoch)` (the training loop calls it) moves to the next epoch's draws.
+
+Every dataset has the splits "train", "val" and "test". "val" is a share of the
+training split drawn with a fixed seed (VAL_SEED: the same images in every run,
+whatever the run's seed), and "train" is then the rest of it; a folder with a
+val/ sub-folder has its own instead (see resolve_data).
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ IGNORE_INDEX = 255
 
 class DataError(RuntimeError):
     """A dataset cannot be found or read."""
+
+
+VAL_SHARE = 0.1  # the share of the training split resolve_data holds out as "val"
+VAL_SEED = 0  # which images those are: fixed, so every run holds out the same ones
 
 
 # -- augmentation -----------------------------------------------------------------------
@@ -410,18 +419,47 @@ class FashionSegmentation(Augmented):
 
 
 DATASETS = {"fashion-mnist": "classification", "digits": "classification", "fashion-seg": "segmentation"}
+SPLITS = ("train", "val", "test")
 
 
 def resolve_data(name_or_path, task: str = "classification", split: str = "train", *, augment=None,
-                 normalize=False, image_size=224, root=None, seed=0) -> Dataset:
+                 normalize=False, image_size=224, root=None, seed=0, val_share=VAL_SHARE) -> Dataset:
     """The dataset a name or a folder stands for: "fashion-mnist", "digits",
     "fashion-seg" (FashionSegmentation), or a folder (an ImageFolder for
-    classification; for segmentation a SegmentationFolder, whose split is the
-    `split` sub-folder when there is one). augment defaults to split == "train";
+    classification; for segmentation a SegmentationFolder), and one of its
+    splits: "train", "val" or "test". A folder's split is its `split`
+    sub-folder when there is one. "val" is the val/ sub-folder of a folder that
+    has one; otherwise `val_share` of the training split, drawn with VAL_SEED
+    (see split_off), and "train" is the rest of it. val_share=0 holds nothing
+    out: "train" is the whole training split and there is no "val".
+    fashion-seg's val canvases are new arrangements of the items its train
+    canvases also show, not new items. augment defaults to split == "train";
     image_size applies to folders, root to the Fashion-MNIST sets."""
-    augment = split == "train" if augment is None else augment
-    options = dict(augment=augment, normalize=normalize, seed=seed)
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(map(repr, SPLITS))}, not {split!r}")
+    if not 0 <= val_share < 1:
+        raise DataError(f"val_share={val_share} is not a share of the training split: give a number in [0, 1)")
+    options = dict(augment=split == "train" if augment is None else augment, normalize=normalize, seed=seed)
     name = str(name_or_path)
+    if split == "test" or _has_val_folder(name):
+        return _whole_split(name, task, split, image_size, root, options)
+    if val_share == 0 and split == "val":
+        raise DataError(f"{name} has no 'val' split with val_share=0: give a val_share above 0 to hold out a "
+                        f"share of its training split{'' if name in DATASETS else ', or add a val/ sub-folder'}")
+    train = _whole_split(name, task, "train", image_size, root, options)
+    if val_share == 0:
+        return train
+    train, val = split_off(train, val_share)
+    return train if split == "train" else val
+
+
+def _has_val_folder(name: str) -> bool:
+    return name not in DATASETS and (Path(name) / "val").is_dir()
+
+
+def _whole_split(name: str, task: str, split: str, image_size, root, options: dict) -> Dataset:
+    """One split of the dataset as it comes: a named set's "train" or "test", or
+    a folder's `split` sub-folder (the folder itself when it has none)."""
     if name in DATASETS:
         if DATASETS[name] != task:
             raise DataError(f"{name} is a {DATASETS[name]} dataset, but the task is {task}")
@@ -440,3 +478,44 @@ def resolve_data(name_or_path, task: str = "classification", split: str = "train
     if task == "segmentation":
         return SegmentationFolder(folder, image_size, **options)
     raise DataError(f"task must be 'classification' or 'segmentation', not {task!r}")
+
+
+# -- holding out a validation share ----------------------------------------------------
+
+
+class Part(Dataset):
+    """The items `indices` of a dataset, in that order, like torch's Subset, but
+    with the dataset's `classes` and its `set_epoch` (the augmentation of item i
+    stays that of the dataset's item indices[i])."""
+
+    def __init__(self, dataset: Dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    @property
+    def classes(self):
+        return getattr(self.dataset, "classes", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]]
+
+
+def split_off(dataset: Dataset, share: float, seed: int = VAL_SEED) -> tuple[Part, Part]:
+    """(train, val): `dataset` cut in two disjoint Parts that together hold all
+    of it, val a random `share` of the items (rounded, at least one, never all),
+    drawn from `seed` alone, so the same dataset and share give the same cut in
+    every run. Not stratified. Both keep the items' order in `dataset`."""
+    if not 0 < share < 1:
+        raise DataError(f"share={share}: give the share of the items to hold out, in (0, 1)")
+    n = len(dataset)
+    if n < 2:
+        raise DataError(f"cannot hold out a share of {n} item(s): a train and a val part need 2 or more")
+    count = min(max(1, round(share * n)), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Part(dataset, sorted(order[count:])), Part(dataset, sorted(order[:count]))

@@ -109,16 +109,18 @@ PLANS = {"full": DemoPlan(60000, 4, 60000, 2, None),
 def demo_data(plan: DemoPlan):
     """Fashion-MNIST (scikit-learn's digits when it is not installed), not
     augmented: the short budgets get further on the plain images. The slim
-    model's images are the first of the teacher's. Says which data it is, and
-    how to get Fashion-MNIST where it falls back to digits."""
+    model's images are the first of the teacher's, from the whole training
+    split (val_share=0: the demo scores on test images, and says so). Says which
+    data it is, and how to get Fashion-MNIST where it falls back to digits."""
     try:
-        train = resolve_data("fashion-mnist", split="train", augment=False, normalize=True)
+        train = resolve_data("fashion-mnist", split="train", augment=False, normalize=True, val_share=0)
         val = resolve_data("fashion-mnist", split="test", augment=False, normalize=True)
         name = "Fashion-MNIST"
         print(f"cpdfx demo: data: Fashion-MNIST from {fashion_root()} (28x28, {len(train):,} training and "
               f"{len(val):,} test images)")
     except DataError as err:
-        train, val = resolve_data("digits", split="train", augment=False), resolve_data("digits", split="test")
+        train = resolve_data("digits", split="train", augment=False, val_share=0)
+        val = resolve_data("digits", split="test")
         name = "digits"
         print(f"cpdfx demo: data: scikit-learn's 8x8 digits ({len(train):,} training and {len(val):,} test "
               f"images) instead of Fashion-MNIST ({str(err).split('. ')[0].removeprefix('Fashion-MNIST ')}). "

@@ -1,5 +1,6 @@
 """Datasets: the IDX reader, Fashion-MNIST, digits, image and segmentation
-folders, the Fashion-MNIST segmentation set, augmentation and resolve_data."""
+folders, the Fashion-MNIST segmentation set, augmentation, resolve_data and
+the val split it holds out of the training data."""
 import gzip
 import os
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cpdfx
 from cpdfx import data
 from cpdfx.data import DataError
 
@@ -221,7 +223,7 @@ def test_augmentation_is_per_sample_and_epoch_and_keeps_masks_aligned(fake_root)
 
 def test_resolve_data(fake_root, tmp_path):
     assert len(data.resolve_data("digits", "classification", "test")) == 450
-    assert data.resolve_data("digits", split="train").augment
+    assert data.resolve_data("digits", split="train").dataset.augment
     assert isinstance(data.resolve_data("fashion-seg", "segmentation", "test", root=fake_root),
                       data.FashionSegmentation)
     make_seg_folder(tmp_path / "seg" / "val")
@@ -230,3 +232,84 @@ def test_resolve_data(fake_root, tmp_path):
         data.resolve_data("fashion-seg", "classification")
     with pytest.raises(DataError, match="unknown dataset"):
         data.resolve_data("imagenet-99")
+
+
+# -- the val split ----------------------------------------------------------------------
+
+
+def test_val_is_a_fixed_share_of_train_and_train_the_rest():
+    train, val = data.resolve_data("digits", split="train"), data.resolve_data("digits", split="val")
+    assert (len(train), len(val)) == (1347 - 135, 135)  # 10% of digits' 1347 training images
+    assert not set(train.indices) & set(val.indices)
+    assert sorted(train.indices + val.indices) == list(range(1347))
+    again = data.resolve_data("digits", split="val", seed=7)  # the run's seed does not move the cut
+    assert again.indices == val.indices and data.resolve_data("digits").indices == train.indices
+    whole = data.digits("train")
+    image, label = val[5]
+    assert torch.equal(image, whole[val.indices[5]][0]) and int(label) == int(whole.labels[val.indices[5]])
+    assert train.classes == whole.classes  # what the CLI sizes a model's head from
+    assert len(data.resolve_data("digits", split="val", val_share=0.3)) == round(0.3 * 1347)
+
+
+def test_val_is_not_augmented_while_train_is():
+    train, val = data.resolve_data("digits", split="train"), data.resolve_data("digits", split="val")
+    whole = data.digits("train")
+    train_draws = set()
+    for epoch in range(4):
+        train.set_epoch(epoch)  # distill calls it on the training data each epoch
+        val.set_epoch(epoch)
+        assert all(torch.equal(val[i][0], whole[val.indices[i]][0]) for i in range(0, 135, 9))
+        train_draws.add(train[3][0].numpy().tobytes())
+    assert len(train_draws) > 1  # set_epoch reaches the augmented dataset under the part
+
+
+def test_val_share_zero_holds_nothing_out():
+    assert len(data.resolve_data("digits", split="train", val_share=0)) == 1347
+    with pytest.raises(DataError, match="no 'val' split with val_share=0"):
+        data.resolve_data("digits", split="val", val_share=0)
+    with pytest.raises(DataError, match="in \\[0, 1\\)"):
+        data.resolve_data("digits", split="val", val_share=1)
+
+
+def image_folder(root, per_class):
+    for name, colour in (("dark", 40), ("light", 220)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            png(root / name / f"{i}.png", np.full((6, 6), colour + i))
+
+
+def test_a_folder_with_val_uses_it_and_one_without_holds_out_of_train(tmp_path):
+    image_folder(tmp_path / "own" / "train", 10)
+    image_folder(tmp_path / "own" / "val", 3)
+    train = data.resolve_data(tmp_path / "own", split="train", image_size=6)
+    val = data.resolve_data(tmp_path / "own", split="val", image_size=6)
+    assert isinstance(train, data.ImageFolder) and len(train) == 20  # nothing carved out of train/
+    assert isinstance(val, data.ImageFolder) and len(val) == 6 and val.root == tmp_path / "own" / "val"
+    image_folder(tmp_path / "carved" / "train", 10)
+    train = data.resolve_data(tmp_path / "carved", split="train", image_size=6, val_share=0.25)
+    val = data.resolve_data(tmp_path / "carved", split="val", image_size=6, val_share=0.25)
+    assert (len(train), len(val)) == (15, 5) and sorted(train.indices + val.indices) == list(range(20))
+    assert val.dataset.root == tmp_path / "carved" / "train" and not val.dataset.augment
+    with pytest.raises(DataError, match="or add a val/ sub-folder"):
+        data.resolve_data(tmp_path / "carved", split="val", val_share=0)
+
+
+def test_fashion_segmentation_holds_out_canvases(fake_root):
+    whole = data.FashionSegmentation("train", root=fake_root)
+    train = data.resolve_data("fashion-seg", "segmentation", "train", root=fake_root, val_share=0.25)
+    val = data.resolve_data("fashion-seg", "segmentation", "val", root=fake_root, val_share=0.25)
+    assert (len(train), len(val)) == (len(whole) - 3, 3)  # 13 canvases of 40 items, 3 at a time
+    assert sorted(train.indices + val.indices) == list(range(len(whole)))
+    assert torch.equal(val[1][1], whole[val.indices[1]][1])
+
+
+def test_split_off_cuts_any_dataset():
+    items = [(torch.full((1, 2, 2), float(i)), torch.tensor(i % 3)) for i in range(50)]
+    train, val = cpdfx.split_off(items, 0.2)
+    assert (len(train), len(val)) == (40, 10)
+    assert sorted(train.indices + val.indices) == list(range(50))
+    assert [int(val[i][0][0, 0, 0]) for i in range(10)] == val.indices
+    assert cpdfx.split_off(items, 0.2)[1].indices == val.indices != cpdfx.split_off(items, 0.2, seed=1)[1].indices
+    assert len(cpdfx.split_off(items[:2], 0.01)[1]) == 1  # at least one held out, never all
+    with pytest.raises(DataError, match="2 or more"):
+        cpdfx.split_off(items[:1], 0.5)
