@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from .distill import Callback, check_same_run
+from .distill import Batch, Callback, check_same_run
+from .losses import logits_of
 from .pruner import Pruner
 from .ranks import world
 
@@ -41,14 +42,25 @@ def total_steps(n_samples: int, batch_size: int, epochs: int) -> int:
 
 
 class PruneCallback(Callback):
-    """distill's callback for the CPD schedule: importance from every backward
-    pass, a pruner step after each step in `at`. Its state is the pruner's (the keep sets of the steps
+    """distill's callback for the CPD schedule: importance from every training
+    batch (fisher: its samples, on the distillation loss; gradient criteria:
+    its backward pass), a pruner step after each step in `at`. Its state is the pruner's (the keep sets of the steps
     done and the importance gathered since the last), so a resumed run
     rebuilds the pruned structure before the checkpoint's weights are loaded."""
 
     def __init__(self, pruner: Pruner, at: list[int], config: dict):
         self.pruner, self.at, self.config = pruner, list(at), dict(config)
         self.events: list[dict] = []
+
+    def on_batch(self, student: nn.Module, batch: Batch) -> None:
+        """A per-sample criterion (fisher) scores the batch's samples on the
+        training loss, each against its own teacher output and target; others
+        read the gradients (on_backward)."""
+        if not self.pruner.criterion.per_sample:
+            self.on_backward(student)
+        elif not self.pruner.done:
+            teacher = None if batch.teacher is None else logits_of(batch.teacher)
+            self.pruner.accumulate(student, batch.inputs, teacher, batch.target, loss_fn=batch.loss)
 
     def on_backward(self, student: nn.Module) -> None:
         if not self.pruner.done:

@@ -12,6 +12,10 @@ methods do nothing):
     on_backward(student)                        after loss.backward(), before clipping
                                                 and the optimizer step: gradients are
                                                 there (averaged over ranks under DDP)
+    on_batch(student, batch)                    what distill calls there: on_backward with
+                                                the `Batch` the loss was computed on
+                                                (inputs, target, teacher output, loss);
+                                                the base class's calls on_backward(student)
     on_step_end(step, student, optimizer)       after the optimizer step; return a new,
         -> new student or None                  smaller student to train from now on,
                                                 having re-bound the optimizer's params
@@ -62,12 +66,29 @@ DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 RESUME_MUST_MATCH = ("task", "epochs", "batch_size", "world_size", "seed", "optimizer")
 
 
+@dataclass
+class Batch:
+    """A training batch as the loss saw it, for a callback that scores the
+    samples themselves (per-sample Fisher): the student's inputs (a tuple),
+    the targets (None without labels), the teacher's outputs (None without a
+    teacher), and the loss: loss(student output, teacher output, target),
+    averaged over the batch, so that loss applied to one sample's slices is
+    that sample's own loss."""
+    inputs: tuple
+    target: torch.Tensor | None
+    teacher: object
+    loss: nn.Module
+
+
 class Callback:
     """What `distill` calls on its callback (see the module docstring): this
     base class does nothing; a callback overrides the methods it needs."""
 
     def on_backward(self, student: nn.Module) -> None:
         pass
+
+    def on_batch(self, student: nn.Module, batch: Batch) -> None:
+        self.on_backward(student)
 
     def on_step_end(self, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module | None:
         return None
@@ -86,7 +107,7 @@ def as_callback(callback) -> Callback:
     if isinstance(callback, Callback):
         return callback
     adapted = Callback()
-    for name in ("on_backward", "on_step_end", "state_dict", "load_state_dict"):
+    for name in ("on_backward", "on_batch", "on_step_end", "state_dict", "load_state_dict"):
         if hasattr(callback, name):
             setattr(adapted, name, getattr(callback, name))
     return adapted
@@ -592,7 +613,7 @@ class _Run:
             terms = self.loss.terms(out, target_out, y)
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
-        self.callback.on_backward(self.student)
+        self.callback.on_batch(self.student, Batch((x,), y, target_out, self.loss))
         if self.config["clip_grad"]:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config["clip_grad"])
         self.optimizer.step()

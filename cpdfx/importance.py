@@ -7,11 +7,22 @@ conv, its norm, the consumers' input columns, attention projections...).
 
 Criteria come in two kinds:
 - weight criteria (`l1`, `l2`, `bn_scale`, `random`) read the parameters;
-- gradient criteria (`fisher`, `taylor`) accumulate weight x gradient over
-  calibration or training batches: `accumulate(gm, comb)` after each backward.
-  Per channel, the sum over its slices is the gradient of the loss with
-  respect to a mask scaling the channel; fisher sums its square per batch,
-  taylor its absolute value per batch.
+- gradient criteria (`fisher`, `taylor`) score by the mask gradient: per
+  channel, the gradient of the loss with respect to a mask scaling every
+  parameter slice of the channel, which is the sum over its slices of
+  weight x gradient.
+  - `fisher` is Group Fisher as in CPD (and Liu et al. 2021): the mask
+    gradient of each sample's own loss, squared, summed over the samples
+    (`Fisher`, `per_sample_mask_gradients`). It reads the batch itself, not
+    the gradients of a backward pass: `accumulate_samples(gm, comb, inputs,
+    loss_fn, *loss_args)` per batch. It runs the graph in eval mode (batch
+    norm on its running statistics), as one sample cannot be normalised by
+    batch statistics, and scores the first `samples` (16) of each batch.
+  - `Fisher(per_sample=False)` (`fisher_batch` by name) is the older, cheaper
+    form: the square of the batch's mean mask gradient, from the gradients
+    of the training backward pass (`accumulate(gm, comb)` after it).
+  - `taylor`: |mask gradient| of each batch, from the backward pass,
+    averaged over the batches.
 
 `normalisation` says how scores of different groups are put on one scale
 before the global ranking (see `normalise`):
@@ -24,10 +35,12 @@ before the global ranking (see `normalise`):
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 from .losses import cross_entropy, logits_of
 from .ranks import sum_over_ranks
@@ -65,10 +78,107 @@ def _along(tensor, d, reduce) -> np.ndarray:
     return reduce(t).cpu().numpy().astype(np.float64)
 
 
+def gate_slices(gm, comb, groups) -> tuple[dict, int]:
+    """Where a gate per channel of `groups` multiplies the graph's parameters:
+    {parameter name: [(dim, index)]}, index mapping each position along dim
+    to 1 + the channel's place among all the groups' channels (the groups in
+    order, each group's channels in order), or to 0 where the position
+    belongs to no gated channel; and the number of gates. With the gates
+    laid out after a constant 1 (`gated`), every parameter slice of a
+    channel is scaled by its gate, so the gradient of the loss with respect
+    to a gate at 1 is that channel's mask gradient (the sum over its slices
+    of weight x gradient). Buffers (running statistics) are not gated."""
+    offsets = dict(zip([g.id for g in groups], np.cumsum([0] + [g.size for g in groups])[:-1].tolist()))
+    slices: dict[str, list[tuple[int, np.ndarray]]] = {}
+    params = dict(gm.named_parameters())
+    for name, dims in comb.param_dims.items():
+        if name not in params:
+            continue
+        for d, space in enumerate(dims):
+            for atom, coords in comb.spaces.coords(space):
+                if atom in offsets:
+                    slices.setdefault(name, []).append((d, np.where(coords >= 0, coords + 1 + offsets[atom], 0)))
+    return slices, int(sum(g.size for g in groups))
+
+
+def gated(p: torch.Tensor, slices, flat: torch.Tensor) -> torch.Tensor:
+    """p with each of its gated dims scaled: slices, [(dim, index tensor)] as
+    gate_slices gives them for p; flat, the constant 1 followed by the gates."""
+    for d, index in slices:
+        shape = [1] * p.dim()
+        shape[d] = -1
+        p = p * flat[index].view(shape)
+    return p
+
+
+def per_sample_mask_gradients(gm, comb, groups, inputs: tuple, loss_fn: Callable, loss_args=(),
+                              chunk: int = 16, vectorise: bool = True) -> dict:
+    """Each sample's own mask gradient of every channel of `groups`:
+    {group id: (N, channels) array}, the gradient of loss_fn(gm(one
+    sample), *its loss_args) with respect to the channel's gate at 1
+    (`gate_slices`). inputs: the graph's inputs, a batch along dim 0; loss_args:
+    tensors split along dim 0 with them (targets, a teacher's outputs), or
+    None. The graph runs in eval mode (batch norm on its running statistics,
+    no dropout: a single sample has no batch statistics) and is left in the
+    mode it was in; no parameter's .grad changes. The samples go through
+    torch.func.vmap `chunk` at a time (their gated weights' gradients exist
+    for the chunk at once); with vectorise=False, or where vmap cannot run
+    the graph or the loss (with a warning), one at a time."""
+    return _mask_gradients(gm, comb, groups, inputs, loss_fn, loss_args, chunk, vectorise)[0]
+
+
+def _mask_gradients(gm, comb, groups, inputs, loss_fn, loss_args, chunk, vectorise):
+    """per_sample_mask_gradients' work: (the gradients, whether vmap ran)."""
+    slices, total = gate_slices(gm, comb, groups)
+    params = {n: p.detach() for n, p in gm.named_parameters()}
+    buffers = dict(gm.named_buffers())
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    index = {n: [(d, torch.as_tensor(i, device=device)) for d, i in v] for n, v in slices.items()}
+    flat = torch.ones(1 + total, device=device)
+    leaves, spec = pytree.tree_flatten((tuple(inputs), tuple(loss_args)))
+    n = next(t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0)
+    batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves]
+
+    def loss_of_one(gates, *one):
+        one = [t.unsqueeze(0) if b else t for t, b in zip(one, batched)]
+        x, args = pytree.tree_unflatten(one, spec)
+        weights = {name: gated(p, index[name], gates) if name in index else p for name, p in params.items()}
+        # copies of the buffers, made inside the transform: a graph captured in train mode still counts
+        # batches in place in eval mode (by 0), which torch.func refuses on a tensor from outside
+        weights.update({name: b.clone() for name, b in buffers.items()})
+        return loss_fn(torch.func.functional_call(gm, weights, x), *args)
+
+    grad = torch.func.grad(loss_of_one)
+    training, rows = gm.training, None
+    gm.eval()
+    try:
+        if vectorise:
+            try:
+                per_sample = torch.func.vmap(grad, in_dims=(None, *[0 if b else None for b in batched]))
+                rows = [per_sample(flat, *[t[i:i + chunk] if b else t for t, b in zip(leaves, batched)])
+                        for i in range(0, n, chunk)]
+            except Exception as err:  # an op or a loss without a batching rule: one sample at a time
+                first = next(iter(str(err).splitlines()), "")
+                warnings.warn(f"per-sample mask gradients: torch.func.vmap cannot run this graph or loss "
+                              f"({type(err).__name__}: {first}); scoring one sample at a time", stacklevel=3)
+                rows = None
+        vectorised = rows is not None
+        if rows is None:
+            rows = [grad(flat, *[t[i] if b else t for t, b in zip(leaves, batched)]).unsqueeze(0)
+                    for i in range(n)]
+    finally:
+        if training:
+            gm.train()
+    g = torch.cat(rows).detach().double().cpu().numpy()[:, 1:]
+    ends = np.cumsum([grp.size for grp in groups])
+    return {grp.id: g[:, end - grp.size:end] for grp, end in zip(groups, ends)}, vectorised
+
+
 class Criterion:
     """Base of the criteria: `scores(gm, comb) -> {group id: np.ndarray}`."""
     name = "criterion"
     needs_gradients = False
+    per_sample = False  # scores from the batch itself (accumulate_samples), not from a backward pass's gradients
     normalisation = "mean"
 
     def reset(self) -> None:
@@ -76,6 +186,11 @@ class Criterion:
 
     def accumulate(self, gm, comb) -> None:
         """Read the gradients of one backward pass (gradient criteria only)."""
+
+    def accumulate_samples(self, gm, comb, inputs: tuple, loss_fn: Callable, *loss_args) -> None:
+        """Score one batch from its samples (per-sample criteria only): inputs,
+        the graph's inputs; loss_fn(output, *loss_args) the training loss,
+        loss_args split along dim 0 with the inputs (or None)."""
 
     def scores(self, gm, comb) -> dict:
         raise NotImplementedError
@@ -184,8 +299,64 @@ class _GradientCriterion(Criterion):
 
 
 class Fisher(_GradientCriterion):
-    """Group Fisher (CPD): the squared mask gradient, summed over batches."""
-    name = "fisher"
+    """Group Fisher (CPD; Liu et al. 2021, "Group Fisher Pruning"): per
+    channel, the squared mask gradient of each sample's own loss, summed over
+    the samples of a batch, averaged over the batches.
+
+    per_sample=True (the default, `fisher`): `accumulate_samples` takes the
+    batch and the training loss and computes every sample's mask gradients
+    at once (`per_sample_mask_gradients`: gates at 1 on every slice of each
+    channel, torch.func.vmap of the gates' gradient over the samples). The
+    graph runs in eval mode there: batch norm normalises by its running
+    statistics, since one sample has no batch statistics to normalise by (in
+    train mode the samples of a batch are coupled through them, and no
+    per-sample gradient exists; Group Fisher's reference code, reading
+    activation x gradient per sample off the batch's backward, ignores that
+    coupling likewise). Only the first `samples` of each batch are scored
+    (None: all): an unbiased estimate of the sum over the batch up to one
+    factor shared by every channel, which leaves the ranking alone, at a
+    bounded cost per step (on a small ResNet at batch 64, 16 samples cost
+    about one more training step; benchmarks/results/fisher_forms.json).
+    `chunk` samples go through vmap at a time.
+
+    per_sample=False (`fisher_batch`): the square of the batch's mean mask
+    gradient, read off the gradients of the training backward pass
+    (`accumulate` after loss.backward()): no extra pass, but a different
+    statistic: it squares after averaging, so the samples' disagreement
+    (which per-sample Fisher counts) cancels."""
+
+    def __init__(self, per_sample: bool = True, samples: int | None = 16, chunk: int = 16):
+        if samples is not None and (not isinstance(samples, int) or samples < 1):
+            raise ValueError(f"samples={samples!r}: give how many samples of each batch to score, or None for all")
+        self.per_sample, self.samples, self.chunk = per_sample, samples, max(1, int(chunk))
+        self.name = "fisher" if per_sample else "fisher_batch"
+        self.vectorise = True
+        super().__init__()
+
+    def accumulate(self, gm, comb):
+        if self.per_sample:
+            raise RuntimeError("fisher scores each sample's own loss, so it needs the batch, not the gradients of "
+                               "a backward pass: call accumulate_samples(gm, comb, inputs, loss_fn, *loss_args) "
+                               "(Pruner.accumulate(gm, inputs=..., target=..., loss_fn=...)), or use "
+                               "Fisher(per_sample=False) ('fisher_batch') to square the batch's gradient")
+        super().accumulate(gm, comb)
+
+    def accumulate_samples(self, gm, comb, inputs, loss_fn, *loss_args):
+        if not self.per_sample:
+            raise RuntimeError("Fisher(per_sample=False) reads the gradients of a backward pass: call "
+                               "accumulate(gm, comb) after loss.backward()")
+        inputs = tuple(inputs)
+        if self.samples is not None:
+            inputs, loss_args = pytree.tree_map(self._first, (inputs, tuple(loss_args)))
+        groups = list(comb.prunable)
+        grads, self.vectorise = _mask_gradients(gm, comb, groups, inputs, loss_fn, loss_args, self.chunk,
+                                                self.vectorise)  # where vmap failed (it warned), loop from now on
+        for g in groups:
+            self.total[g.id] = self.total.get(g.id, 0.0) + (grads[g.id] ** 2).sum(0)
+        self.batches += 1
+
+    def _first(self, t):
+        return t[:self.samples] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
 
     @staticmethod
     def _per_batch(mask_grad):
@@ -215,7 +386,8 @@ class _Function(Criterion):
 
 
 CRITERIA = {"l1": lambda: Magnitude(1), "l2": lambda: Magnitude(2), "bn_scale": NormScale,
-            "fisher": Fisher, "taylor": Taylor, "random": Random}
+            "fisher": Fisher, "fisher_batch": lambda: Fisher(per_sample=False), "taylor": Taylor,
+            "random": Random}
 
 
 def resolve(importance) -> Criterion:
@@ -271,8 +443,14 @@ def calibration_item(batch, n_inputs: int):
 
 def calibrate(criterion: Criterion, gm, comb, calibration: Iterable, n_inputs: int,
               loss_fn: Callable | None = None) -> None:
-    """Run forward and backward on each calibration item and accumulate."""
+    """Accumulate on each calibration item: a per-sample criterion from the
+    batch itself, a gradient criterion after a forward and backward pass."""
     loss_fn = loss_fn or self_supervised_loss
+    if criterion.per_sample:
+        for batch in calibration:
+            inputs, target = calibration_item(batch, n_inputs)
+            criterion.accumulate_samples(gm, comb, inputs, loss_fn, target)
+        return
     saved = {n: p.requires_grad for n, p in gm.named_parameters()}
     for p in gm.parameters():
         p.requires_grad_(True)

@@ -1,12 +1,12 @@
 """Step-wise pruning inside a training loop (the CPD schedule).
 
-    pruner = cpdfx.Pruner(model, x, "fisher", macs=0.5, steps=5)
+    pruner = cpdfx.Pruner(model, x, "fisher", macs=0.5, steps=5, loss_fn=loss)
     gm = pruner.gm.train()
     opt = torch.optim.AdamW(gm.parameters())
     for i, (x, y) in enumerate(loader):
         loss(gm(x), y).backward()
-        pruner.accumulate()           # gradient criteria read the gradients here
-        opt.step(); opt.zero_grad()
+        pruner.accumulate(gm, (x,), y)  # fisher scores the batch's samples, loss_fn(output, y);
+        opt.step(); opt.zero_grad()     # taylor, fisher_batch read the gradients (no batch needed)
         if i % 100 == 99 and not pruner.done:
             gm = pruner.step(opt)     # smaller graph; opt now holds its sliced parameters
 
@@ -30,7 +30,7 @@ from .passes import eliminate, kept_indices
 
 from .capture import capture
 from .cost import CostModel
-from .importance import group_slices, resolve
+from .importance import group_slices, resolve, self_supervised_loss
 from .budget import BudgetError, Constraints, Target
 from .latency import LatencyModel, Measured
 from .ranks import from_main, is_main
@@ -106,13 +106,24 @@ class Pruner:
     def done(self) -> bool:
         return self.steps_done >= len(self.targets)
 
-    def accumulate(self, gm: fx.GraphModule | None = None) -> None:
-        """Read the gradients of the last backward pass (gradient criteria);
-        call after loss.backward() on the current graph (or its DDP module)."""
+    def accumulate(self, gm: fx.GraphModule | None = None, inputs: tuple | None = None, *loss_args,
+                   loss_fn=None) -> None:
+        """Gather importance from one training batch, on the current graph (or
+        its DDP module). A per-sample criterion (fisher) scores the batch's
+        samples: inputs, the graph's inputs (a tuple), and loss_fn(output,
+        *loss_args) (by default the pruner's loss_fn, else cross-entropy
+        against the targets or the model's own predictions), loss_args (the
+        targets, a teacher's outputs) split per sample with the inputs. A
+        gradient criterion (taylor, fisher_batch) reads the gradients of the
+        last backward pass: call after loss.backward()."""
         if isinstance(gm, DistributedDataParallel):
             gm = gm.module  # its parameters' names are the graph's under "module."
-        if self.criterion.needs_gradients:
-            self.criterion.accumulate(gm if gm is not None else self.gm, self.comb)
+        gm = gm if gm is not None else self.gm
+        if self.criterion.per_sample and inputs is not None:
+            self.criterion.accumulate_samples(gm, self.comb, tuple(inputs),
+                                              loss_fn or self.loss_fn or self_supervised_loss, *loss_args)
+        elif self.criterion.needs_gradients:
+            self.criterion.accumulate(gm, self.comb)  # a per-sample one without inputs says what it needs
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> fx.GraphModule:
         """Prune to the next point of the schedule and return the new graph;

@@ -151,7 +151,7 @@ def _pruner_worker(rank, port, out):
         ddp = DistributedDataParallel(pruner.gm.train())
         x, y = batches[0]
         F.cross_entropy(ddp(x), y).backward()
-        pruner.accumulate(ddp)  # the DDP module's gradients, read under the graph's names
+        pruner.accumulate(ddp, (x,), y, loss_fn=F.cross_entropy)  # the samples, through the DDP module's graph
         gathered = all(np.abs(v).sum() > 0 for v in pruner.criterion.total.values())
         pruner.step()
         torch.save({"keeps": pruner.keeps, "gathered": gathered}, out / f"pruner{rank}.pt")
