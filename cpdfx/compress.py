@@ -16,11 +16,15 @@ rest of the run distils the pruned student.
 `importance="learned"` learns the structure instead (after Ahmed et al. 2021,
 "Compact CNN Structure Learning by Knowledge Distillation"): a gate per channel
 of every prunable group is trained with the distillation loss and a sparsity
-penalty, the weakest closed along a path to the budget, until the channels whose
-gates stayed open fit it (or the pruning phase ends); then the gates are folded
-into the weights and the weakest channels (by the Fisher criterion of the gated
-network) are eliminated once, through the same solver, so the budget is met
-exactly (see cpdfx.learned; the step-wise schedule is in cpdfx.cpd).
+penalty weighted by what each channel costs in the budgeted metric, its
+strength adapted by a controller so that the open gates' cost follows a path
+to the budget; when the open gates fit it, they are folded into the weights and
+the model is cut to the budget exactly, once, through the same solver, ranking
+the channels by learned_options["rank"] (see cpdfx.learned for the default).
+Only if the phase ends with the open gates over the budget does a fallback close
+the weakest to it; report["learned"] says whether it did ("fallback",
+"fallback_at") and what the open gates cost then ("end_share"); the step-wise
+schedule is in cpdfx.cpd.
 
 `plain=True` is the baseline: the same schedule, with the labels only (no
 teacher runs; the loss is the cross-entropy, DistillLoss with alpha 0), for
@@ -71,7 +75,7 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
     importance: a pruner criterion ("fisher" by default, "taylor", "l1", "l2",
         "bn_scale", "random", a callable) for the step-wise CPD schedule, or
         "learned" for gates trained under the budget (learned_options:
-        penalty, growth, threshold, every, cost_power; see LearnedCallback).
+        penalty, growth, threshold, every, cost_power, rank; see LearnedCallback).
         prune_steps does not apply to "learned", which cuts once.
     prune_steps, prune_share, schedule: how many pruner steps, spread over which
         first share of the optimizer steps, along which schedule (see Pruner).
@@ -175,7 +179,6 @@ def _report(slim, before, example_inputs, callback, at, history, teacher_scores,
         "student": {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else None,
     })
     if isinstance(callback, LearnedCallback):
-        report["learned"] = {**config["learned"], "met_by_gates_at": callback.met_at,
-                             "final_penalty": callback.penalty, "trace": callback.trace}
+        report["learned"] = {**config["learned"], **callback.summary()}
     return report
 

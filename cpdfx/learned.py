@@ -1,12 +1,17 @@
 """The learned structure, compress(importance="learned"), after Ahmed et al.
 2021, "Compact CNN Structure Learning by Knowledge Distillation": a gate per
 channel of every prunable group, trained with the distillation loss and a
-sparsity penalty (weighted by what each channel costs in the budgeted metric
-where cost_power > 0), the weakest closed along a path to the budget, then
-folded into the weights and cut to the budget once by the solver, ranking the
-channels by the Fisher criterion of the gated network. See
-`GatedStudent` for why the gates scale every parameter slice of a channel, and
-`LearnedCallback.sparsity` for why the penalty is not a plain L1.
+resource-weighted sparsity penalty (each channel's weight is what one channel
+of its group costs in the budgeted metric, `LearnedCallback.sparsity`), whose
+strength a controller adapts over the pruning phase so that the penalty drives
+the open gates' cost down a path to the budget. When the open gates fit the
+budget, they are folded into the weights and the model is cut to the budget
+once by the solver, ranking the channels by `rank`: "gates" (the gate
+magnitudes relative to their group) or "fisher" (the Fisher criterion of the
+gated network, in its batch form). Only when the penalty has not brought the
+open gates to the budget by the end of the pruning phase are the weakest open
+gates closed to it (the fallback, reported in report["learned"]["fallback"]). See `GatedStudent`
+for why the gates scale every parameter slice of a channel.
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ from .solve import plan
 from .pruner import Pruner
 
 LEARNED = "learned"
-LEARNED_DEFAULTS = {"penalty": 2.0, "growth": 1.3, "threshold": 0.1, "every": 5, "cost_power": 0.0}
-PATH_SLACK = 0.01  # in budgets: how far under the path the open gates may run before the penalty eases
+LEARNED_DEFAULTS = {"penalty": 2.0, "growth": 1.3, "threshold": 0.1, "every": 5, "cost_power": 1.0,
+                    "rank": "gates"}
+RANKS = ("gates", "fisher")
+PATH_SLACK = 0.02  # in budgets: how far under the path the open gates may run before the penalty eases
 FISHER_DECAY = 0.98  # per step: the gates' Fisher is a mean over the last ~50 batches, as the gates move
 
 
@@ -101,21 +108,24 @@ class GatedStudent(nn.Module):
 
 
 class GateScores(Criterion):
-    """Importance = group Fisher (CPD's criterion) of the network the gates
-    make: the squared gradient of a mask on each folded channel, g x dL/dg
-    (a gate scales every slice of its channel, so this is the mask gradient
-    of the channel whose weights are the gated ones), averaged over recent
-    batches (`LearnedCallback.fisher`) and handed over with `set`. A gate the
-    penalty shrank, or training left small, scores low at the same loss
-    gradient, so the gates decide the structure through the loss they
-    change; ranking by |gate| alone ranked by the random walk that the signed
-    loss gradients give the gates of the channels that matter most
-    (benchmarks/RESULTS.md). Scores are per channel, like fisher's, and the
-    solver divides them by each channel's cost."""
+    """What the final cut (and the fallback) ranks the channels by, handed
+    over with `set` (`LearnedCallback.scores`), by `rank`:
+    "gates": |gate|, over the group's mean |gate| (the solver's "mean"
+        normalisation): the structure the resource-weighted penalty drove the
+        gates to; the closed channels rank last, the open ones by how far
+        training and the penalty left them open.
+    "fisher": the batch Fisher (importance.Fisher(per_sample=False),
+        "fisher_batch") of the network the gates make: the squared gradient
+        of the batch's loss on a mask on each folded channel,
+        (g x dL/dg) ** 2 averaged over recent batches (a gate scales every
+        slice of its channel, so this is the mask gradient of the channel
+        whose weights are the gated ones); per channel like fisher's, and the
+        solver divides it by each channel's cost. A closed gate scores 0."""
     name = "learned"
-    normalisation = "cost"
 
-    def __init__(self):
+    def __init__(self, rank: str = "gates"):
+        self.rank = rank
+        self.normalisation = "mean" if rank == "gates" else "cost"
         self.values: dict = {}
 
     def set(self, scores: dict) -> None:
@@ -129,26 +139,32 @@ class LearnedCallback(PruneCallback):
     """distill's callback for the learned structure (importance="learned").
 
     The gates are trained outside the optimizer (`_gate_step`), after each
-    optimizer step: on the loss, and on a sparsity penalty (`sparsity`: per
-    group, the channels' cost weight x L1 / L2 of its gates), `penalty`
+    optimizer step: on the student's loss (the distillation loss), and on the
+    resource-weighted sparsity penalty (`sparsity`: per group, what one of its
+    channels costs x the soft count of its open gates, L1 / L2), `penalty`
     setting its strength. Every `every` steps the open gates
-    (|gate| > threshold x the group's root mean square) are costed against a
-    geometric path from the original's cost to the budget over the phase.
-    Where they cost more than the path says, the weakest open channels (by
-    the Fisher of the gated network, `GateScores`) are closed until they fit
-    it (`_close_to`); where less, the penalty shrinks
-    / `growth`, so that the gates do not run far under the budget (closed
-    gates do not reopen). Once the open gates fit the budget (at
-    the latest when the phase ends), the gates are folded into the weights
-    and the model is cut to the budget once, by the solver, on the same
-    scores: the channels cut then are closed ones, not the open channels a lagging
-    penalty left over."""
+    (|gate| > threshold x the group's root mean square) are costed and
+    compared with a geometric path from the original's cost to the budget
+    over the pruning phase: the penalty grows x `growth` while they cost more
+    than the path says, and shrinks / `growth` when they run more than
+    PATH_SLACK under it, never below the strength it started at (the
+    controller: eased further, a penalty that ran ahead early on fell so far
+    that it could not close the last gates before the phase ended). The penalty closes the gates;
+    nothing else does while the phase lasts. As soon as the open gates fit
+    the budget (`met_at`), the gates are folded into the weights and the model
+    is cut to the budget once, by the solver, ranking by `GateScores` (rank):
+    the cut removes closed channels and refills the room the penalty left with
+    the best of them. If the phase ends with the open gates over the budget,
+    the fallback (`_close_to`) closes the weakest open ones to it first
+    (`fallback_at`, and the open gates' cost then in `end_share`)."""
 
     def __init__(self, pruner: Pruner, student: GatedStudent, end: int, config: dict, *, penalty: float,
-                 growth: float, threshold: float, every: int, cost_power: float, target: Target, example_inputs):
+                 growth: float, threshold: float, every: int, cost_power: float, rank: str, target: Target,
+                 example_inputs):
         super().__init__(pruner, [end], config)
         self.student, self.end = student, end
         self.penalty, self.growth, self.threshold, self.every = penalty, growth, threshold, every
+        self.least = penalty  # the controller never eases the penalty below the strength it starts at
         self.cost_power = cost_power
         self.example_inputs = example_inputs
         self.rules = pruner.rules.alignments(pruner.comb)[-1]  # the finest widths the final cut may use
@@ -159,7 +175,9 @@ class LearnedCallback(PruneCallback):
         self.weights = self._cost_weights(self._full())
         self.start = self.budget.used({**self._full(), **self.fixed})
         self.trace: list[dict] = []
-        self.met_at = None
+        self.met_at = None  # the step at which the penalty brought the open gates to the budget
+        self.fallback_at = None  # the step at which the fallback closed gates to the budget (the phase's end)
+        self.end_share = None  # the open gates' cost, as shares of the original, when the gates were cut
         self.loss_grads: dict = {}
         self.scale, self.seen = 0.0, 0  # running mean square of the gates' loss gradients
         self.fisher: dict = {}  # per gated group, a running mean of (gate x its loss gradient) ** 2
@@ -177,12 +195,9 @@ class LearnedCallback(PruneCallback):
         """Per free group, what one more channel costs at these sizes (the
         budgeted metrics' shares of the original) to the power cost_power,
         over the mean per channel: cost depends on the neighbours' widths, so
-        it is re-read as gates close. cost_power 1 weighs the penalty by cost
-        (Ahmed et al.); 0, the default, penalises every channel alike and
-        leaves cost to the path, which closes the weakest gates until the
-        open structure fits. On a ResNet-18 at 50% MACs (benchmarks/accuracy.py) cost
-        weighting closed the costly early channels whatever they mattered:
-        82.8% top-1 against 90.4% unweighted."""
+        it is re-read as gates close. cost_power 1, the default, weighs the
+        penalty by cost (Ahmed et al.'s resource weighting); 0 penalises every
+        channel alike."""
         metrics = [m for m in ("macs", "params") if getattr(self.budget.target, m) is not None]
         base, now = self.cost_model(), self.cost_model({**counts, **self.fixed})
         unit = {}
@@ -207,16 +222,22 @@ class LearnedCallback(PruneCallback):
             self.fisher[gid] = FISHER_DECAY * before + (1 - FISHER_DECAY) * mask
 
     def scores(self) -> dict:
-        """The gated channels' Fisher (see GateScores), bias-corrected like
-        Adam's moments, so the first batches count in full."""
+        """What the cut ranks by (see GateScores): |gate|, or the gated
+        channels' Fisher, bias-corrected like Adam's moments, so the first
+        batches count in full."""
+        if self.pruner.criterion.rank == "gates":
+            return {gid: np.abs(v) for gid, v in self.student.values().items()}
         steps = max(self.seen, 1)
         return {gid: f.cpu().numpy() / (1 - FISHER_DECAY ** steps) for gid, f in self.fisher.items()}
 
     def sparsity(self) -> torch.Tensor:
-        """The penalty: per group, its cost weight x the sum of |gate| / the
-        gates' root mean square (L1 over L2: a Hoyer measure). Batch norm makes
-        a network blind to the scale of a whole group, so plain L1 would shrink
-        every gate of a group alike, at no cost to the loss, and select
+        """The penalty: per group, its cost weight (what one of its channels
+        costs, `_cost_weights`) x the sum of |gate| / the gates' root mean
+        square (L1 over L2: a Hoyer measure, the group's soft count of open
+        channels), so the penalty is a soft cost of the open structure and a
+        channel's share of its gradient is its group's cost. Batch norm makes
+        a network blind to the scale of a whole group, so plain L1 would
+        shrink every gate of a group alike, at no cost to the loss, and select
         nothing; this measure does not change with the scale, only with how
         the gates differ, and it falls as the weaker ones close."""
         total = 0.0
@@ -262,25 +283,36 @@ class LearnedCallback(PruneCallback):
         counts = self.open_counts()
         used = self.budget.used({**counts, **self.fixed})
         goal = self.start ** (1 - min(step, self.end) / self.end)  # a geometric path from the original to the budget
-        if used > goal:
-            counts = self._close_to(goal)
-        closed_to = self.budget.used({**counts, **self.fixed})
-        self.trace.append({"step": step, "penalty": self.penalty, "used": used, "goal": goal, "closed_to": closed_to,
+        self.trace.append({"step": step, "penalty": self.penalty, "used": used, "goal": goal,
                            "open": self.budget.shares({**counts, **self.fixed})})
-        if closed_to <= 1 or step >= self.end:
-            self.met_at = step if closed_to <= 1 else None
+        if used <= 1 or step >= self.end:
+            self.end_share = self.budget.shares({**counts, **self.fixed})
+            if used <= 1:
+                self.met_at = step  # the penalty brought the open gates to the budget
+            else:
+                self.fallback_at = step  # it did not: close the weakest open gates to the budget
+                self._close_to(1.0)
             return self._cut(step, optimizer)
-        if closed_to < goal - PATH_SLACK:
-            self.penalty /= self.growth  # the gates close faster than the path: ease off before they overshoot
+        if used > goal:
+            self.penalty *= self.growth  # the gates lag the path: push harder
+        elif used < goal - PATH_SLACK:  # they run ahead of it: ease off, down to the strength it started at
+            self.penalty = max(self.penalty / self.growth, self.least)
         self.weights = self._cost_weights(counts)
         return None
 
+    def summary(self) -> dict:
+        """report["learned"]: whether the penalty met the budget (met_by_gates_at)
+        or the fallback closed gates to it at the end of the phase (fallback,
+        fallback_at), the open gates' cost then (end_share, shares of the
+        original), the penalty's last strength and the trace of the checks."""
+        return {"met_by_gates_at": self.met_at, "fallback": self.fallback_at is not None,
+                "fallback_at": self.fallback_at, "end_share": self.end_share, "final_penalty": self.penalty,
+                "trace": self.trace}
+
     def _close_to(self, goal: float) -> dict:
-        """Close the weakest open gates (ranked as the final cut ranks them) so
-        that the open structure costs at most `goal` budgets, and return the
-        open counts: the structure follows the path even where the penalty
-        alone lags it, so it reaches the budget at the end of the phase without
-        a large cut of open channels then."""
+        """The fallback: close the weakest open gates (ranked as the final cut
+        ranks them) so that the open structure costs at most `goal` budgets,
+        and return the open counts."""
         target = self.budget.target
         scaled = Target(*(None if v is None else min(1.0, v * goal) for v in (target.macs, target.params)))
         self.pruner.criterion.set(self.scores())
@@ -296,7 +328,7 @@ class LearnedCallback(PruneCallback):
         return self.open_counts()
 
     def _cut(self, step: int, optimizer) -> fx.GraphModule:
-        """Fold the gates in, prune to the budget on the gated Fisher, and leave the
+        """Fold the gates in, prune to the budget on the scores, and leave the
         optimizer holding the slim graph's parameters under their own names."""
         self.student.fold()
         self.pruner.criterion.set(self.scores())
@@ -315,12 +347,14 @@ class LearnedCallback(PruneCallback):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "penalty": self.penalty, "weights": dict(self.weights),
-                "trace": list(self.trace), "met_at": self.met_at, "scale": float(self.scale), "seen": self.seen,
+                "trace": list(self.trace), "met_at": self.met_at, "fallback_at": self.fallback_at,
+                "end_share": self.end_share, "scale": float(self.scale), "seen": self.seen,
                 "fisher": {gid: f.tolist() for gid, f in self.fisher.items()}}
 
     def load_state_dict(self, state: dict, student: nn.Module) -> nn.Module:
         self.penalty, self.weights = state["penalty"], {int(k): v for k, v in state["weights"].items()}
         self.trace, self.met_at = list(state["trace"]), state["met_at"]
+        self.fallback_at, self.end_share = state["fallback_at"], state["end_share"]
         self.scale, self.seen = state["scale"], state["seen"]
         self.fisher = {int(gid): torch.tensor(f, dtype=torch.float64) for gid, f in state["fisher"].items()}
         return super().load_state_dict(state, student)  # the slim graph once cut, else the gated student
@@ -348,9 +382,9 @@ def resolve_options(options) -> dict:
         raise ValueError(f"unknown learned_options {sorted(unknown)}; the options are "
                          f"{', '.join(f'{k} (default {v})' for k, v in LEARNED_DEFAULTS.items())}")
     if (options["penalty"] <= 0 or options["growth"] < 1 or options["threshold"] <= 0 or options["every"] < 1
-            or options["cost_power"] < 0):
+            or options["cost_power"] < 0 or options["rank"] not in RANKS):
         raise ValueError(f"learned_options {options}: penalty and threshold must be positive, growth at least 1, "
-                         f"every a positive number of steps and cost_power at least 0")
+                         f"every a positive number of steps, cost_power at least 0 and rank one of {RANKS}")
     return options
 
 
@@ -358,7 +392,7 @@ def gated_student(gm, example_inputs, target, end, config, rules, options):
     """The gated student and its callback (importance='learned'): every
     prunable group that is not ignored gets gates; only the groups the global
     ranking decides (not the overridden ones) are penalised."""
-    pruner = Pruner(gm, example_inputs, GateScores(), macs=target.macs, params=target.params, steps=1, **rules)
+    pruner = Pruner(gm, example_inputs, GateScores(options["rank"]), macs=target.macs, params=target.params, steps=1, **rules)
     free, fixed = pruner.rules.split(pruner.comb.prunable)
     if not free:
         raise ValueError("importance='learned' found no channel group to learn: every prunable group is ignored "

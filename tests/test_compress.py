@@ -1,6 +1,7 @@
-"""compress: CPD's prune-while-distilling schedule on sklearn's digits, the
-learned structure, exact resume of a run interrupted between pruning steps, and
-a segmenter on Fashion-MNIST segmentation canvases."""
+"""compress: CPD's prune-while-distilling schedule on sklearn's digits, exact
+resume of a run interrupted between pruning steps (the learned structure's
+too; its own tests are in test_learned.py), and a segmenter on Fashion-MNIST
+segmentation canvases."""
 import os
 import signal
 
@@ -12,9 +13,7 @@ from cpdfx import data
 from cpdfx.compress import compress
 from cpdfx.cpd import PruneCallback, prune_points
 from cpdfx.distill import distill
-from cpdfx.budget import Target
-from cpdfx.importance import Fisher
-from cpdfx.learned import LearnedCallback, gated_student, resolve_options
+from cpdfx.learned import LearnedCallback
 from cpdfx.models import ResNetTiny, UNetTiny
 from helpers import fake_onnxruntime
 
@@ -125,60 +124,6 @@ def test_resume_between_pruning_steps_gives_the_uninterrupted_weights(digits, te
     assert resumed.report["pruning"] == reference.report["pruning"]
     with pytest.raises(ValueError, match="macs=0.5 there but 0.4 now"):
         compress(teacher, X, train, out_dir=tmp_path / "run", resume=True, **{**options, "macs": 0.4})
-
-
-def test_learned_gates_close_to_the_budget(digits, teacher):
-    result = compress(teacher, X, *digits, macs=0.5, importance="learned", learned_options={"penalty": 4.0}, **RUN)
-    report = result.report
-    assert 0.48 <= report["achieved"]["macs"] <= 0.5
-    learned = report["learned"]
-    assert learned["met_by_gates_at"] is not None  # the open gates fitted the budget by then
-    assert [e["step"] for e in report["pruning"]] == [learned["met_by_gates_at"]] and report["prune_at"] == [42]
-    trace = learned["trace"]
-    assert trace[-1]["closed_to"] <= 1 < trace[0]["used"]
-    assert trace[-1]["used"] < 1.1  # the penalty closed nearly all of it, the path only the last gates
-    assert report["student"]["top1"] > 0.8, report["student"]
-    assert "gates" not in str(list(dict(result.model.named_parameters())))
-
-
-def test_learned_structure_follows_the_path_even_when_the_penalty_lags(digits, teacher):
-    """With a penalty too weak to close gates on its own, the weakest open gates
-    are closed at each check down to the geometric path, so the open structure
-    reaches the budget when the phase ends and never falls far below it."""
-    result = compress(teacher, X, *digits, macs=0.5, importance="learned",
-                      learned_options={"penalty": 1e-6, "growth": 1.0}, **RUN)
-    trace = result.report["learned"]["trace"]
-    assert trace[0]["used"] > 1.5  # the full model: about twice the budget
-    assert all(t["closed_to"] <= t["goal"] + 0.02 for t in trace)
-    assert any(t["closed_to"] < t["used"] - 0.01 for t in trace)  # gates were closed by the path, not the penalty
-    assert min(t["closed_to"] for t in trace) >= 0.95  # no overshoot below the budget on the way
-    assert result.report["learned"]["met_by_gates_at"] == 42 and 0.48 <= result.report["achieved"]["macs"] <= 0.5
-
-
-def test_gate_scores_are_the_fisher_criterion_of_the_folded_network(digits, teacher):
-    """The gates rank channels by g x dL/dg squared: on gates set apart, it is
-    exactly what fisher measures on the plain graph with the gates folded in."""
-    student, callback = gated_student(cpdfx.capture(teacher, X), X, Target(macs=0.5), 10, {}, {},
-                                      resolve_options(None))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for gate in student.gates.values():
-            gate.uniform_(0.2, 1.5)
-    x, y = next(iter(torch.utils.data.DataLoader(digits[0], batch_size=32)))
-    student.train()
-    torch.nn.functional.cross_entropy(student(x), y).backward()
-    callback.on_backward(student)
-    scores = callback.scores()
-    student.fold()
-    gm, comb = callback.pruner.gm, callback.pruner.comb
-    gm.zero_grad()
-    torch.nn.functional.cross_entropy(gm(x), y).backward()
-    fisher = Fisher()
-    fisher.accumulate(gm, comb)
-    expected = fisher.scores(gm, comb)
-    assert scores.keys() and all(torch.allclose(torch.as_tensor(scores[gid]), torch.as_tensor(expected[gid]),
-                                                rtol=1e-3, atol=1e-12) for gid in scores)
-    assert any(scores[gid].max() > 10 * scores[gid].min() for gid in scores)  # they tell channels apart
 
 
 def test_segmentation_with_channel_wise_distillation():
