@@ -8,7 +8,8 @@
 The schedule of Comb, Prune, Distill: the original model is the teacher; the
 student starts as its captured copy and is trained by `cpdfx.distill`. During
 the first `prune_share` of all optimizer steps, a `cpdfx.Pruner` accumulates
-its importance from the distillation batches' gradients and prunes at
+its importance from the distillation batches (fisher: each sample's squared
+mask gradient on the distillation loss, per CPD) and prunes at
 `prune_steps` evenly spaced steps, down the schedule to the budget; the
 optimizer's state is sliced with the weights, so training never restarts. The
 rest of the run distils the pruned student.
