@@ -67,7 +67,8 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
              prune_steps: int = 5, prune_share: float = 0.5, epochs: int = 10, schedule: str = "geometric",
              round_to: int | None = None, runtime: str = "cpu", min_keep=1, ignore=(), overrides=None,
              loss=None, labels: bool = True, plain: bool = False, learned_options=None, out_dir=None,
-             resume: bool = False, seed: int = 0, progress: bool = True, **distill_options) -> CompressResult:
+             resume: bool = False, seed: int = 0, progress: bool = True, test_data=None,
+             **distill_options) -> CompressResult:
     """Prune `model` to `macs` / `params` / `latency` (shares of the original)
     while distilling it from itself, and return the trained slim model.
     latency, latency_options: as for cpdfx.prune; each pruning step is timed
@@ -89,6 +90,10 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
     out_dir, resume: distill's checkpoints; resuming re-creates the pruned
         structure from the checkpoint before loading its weights. The report
         is also written to out_dir/report.json.
+    test_data: read once, after training: the teacher (unless plain) and the
+        slim model are scored on it, in report["test"] = {"images": N,
+        "teacher": {...} or None, "student": {...}}; report["teacher"] and
+        report["student"] are their scores on val_data, which the run validates on.
     distill_options: batch_size, lr, optimizer, weight_decay, warmup,
         clip_grad, device, amp, channels_last, num_workers (see distill).
     The model is the teacher (unless plain): it is put in eval mode and on
@@ -130,6 +135,9 @@ def compress(model: nn.Module, example_inputs, train_data, val_data=None, *, tas
     report = _report(slim, before, example_inputs, callback, at, result.history, teacher_scores, config,
                      dict(epochs=epochs, seed=seed, total_steps=total, task=task, loss=str(_describe_loss(
                          loss, task, labels))))
+    if test_data is not None:
+        report["test"] = _test_scores(None if plain else model, slim, test_data, task, batch_size, distill_options,
+                                      progress)
     slim.meta[REPORT] = report
     if out_dir is not None and is_main():  # distill has ended torchrun's process group: RANK says
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -162,6 +170,13 @@ def _teacher_scores(model, val_data, task, batch_size, options, progress) -> dic
         return None
     return evaluate(model, val_data, task=task, batch_size=batch_size, device=options.get("device"),
                     num_workers=options.get("num_workers", 0), progress=progress)
+
+
+def _test_scores(teacher, slim, test_data, task, batch_size, options, progress) -> dict:
+    """report["test"]: the teacher's scores (None without one) and the slim model's on test_data."""
+    teacher_scores, slim_scores = (None if m is None else _teacher_scores(m, test_data, task, batch_size, options,
+                                                                          progress) for m in (teacher, slim))
+    return {"images": len(test_data), "teacher": teacher_scores, "student": slim_scores}
 
 
 def _report(slim, before, example_inputs, callback, at, history, teacher_scores, config, run) -> dict:
