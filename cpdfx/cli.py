@@ -28,9 +28,9 @@ from . import zoo
 from .bench import bench
 from .budget import BudgetError, Target
 from .capture import CaptureError, capture, first_line
-from .compress import compress
-from .data import DataError, resolve_data
-from .distill import distill
+from .compress import REPORT_FILE, compress
+from .data import VAL_SHARE, DataError, Part, resolve_data
+from .distill import distill, evaluate
 from .export import ExportError, LoadError, export_onnx, load, save
 from .files import write_json
 from .importance import resolve as criterion
@@ -41,7 +41,7 @@ from .prune import prune
 from .ranks import is_main
 from .report import REPORT, format_report
 from .runtime import PROVIDERS
-from .teacher import check_teacher, train_teacher
+from .teacher import METRIC_NAMES, check_teacher, train_teacher
 from .weights import from_pretrained, load_weights, save_weights
 
 TASKS = ("classification", "segmentation")
@@ -233,8 +233,23 @@ def known_shape(spec: str, model) -> tuple | None:
 
 
 def load_data(args, split: str, augment=None):
+    """One split of --data. A command without --val-share (prune) reads the whole training split."""
     return resolve_data(args.data, args.task, split, augment=augment, image_size=args.image_size,
-                        normalize=args.normalize)
+                        normalize=args.normalize, val_share=getattr(args, "val_share", 0))
+
+
+def split_note(args, val, test, final: str) -> str:
+    """Which images the numbers of a training run are on, for its report;
+    `final` names where its test scores are."""
+    held_out = ("the data's val/ folder" if not isinstance(val, Part) else
+                f"held out of the training data by --val-share {args.val_share:g}")
+    return (f"Val: {len(val):,} images ({held_out}), for each epoch's validation and the teacher check. "
+            f"Test: {len(test):,} images, read once, after training, for {final}.")
+
+
+def describe_scores(scores: dict) -> str:
+    """{'top1': 0.93} -> 'top-1 93.0%'."""
+    return ", ".join(f"{METRIC_NAMES.get(k, k)} {v:.1%}" for k, v in scores.items())
 
 
 def budget(args) -> dict:
@@ -298,10 +313,11 @@ def ready_teacher(args, teacher, spec: str, weights, weights_flag: str, train, v
     """The teacher to distil from, and a line for the report saying where its
     weights came from. With --train-teacher it is trained first on the training
     split (saved as out/teacher.pt, which --resume reads back). Then it is
-    scored on the validation data (the data's test split: the held-out split
-    cpdfx's data sets have) against chance (cpdfx.teacher), and refused at
-    chance level unless --allow-untrained-teacher: distilling from an untrained
-    model teaches nothing, and the slim model's score would read as a gain."""
+    scored on the validation data (the val split: held out of the training
+    data by --val-share, or the data's val/ folder; never the test split)
+    against chance (cpdfx.teacher), and refused at chance level unless
+    --allow-untrained-teacher: distilling from an untrained model teaches
+    nothing, and the slim model's score would read as a gain."""
     saved = out / TEACHER_FILE
     origin = f"weights from {weights}" if weights else "as built (no --weights)"
     if args.train_teacher and args.resume and saved.is_file():
@@ -371,21 +387,38 @@ def cmd_prune(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    train, test = load_data(args, "train"), load_data(args, "test")
+    train, val, test = load_data(args, "train"), load_data(args, "val"), load_data(args, "test")
     x = example_input(args, train)
     student = load_model(args.student, args.task, x, train, args.weights)
     teacher = load_model(args.teacher, args.task, x, train, args.teacher_weights)
     for role, spec, model in (("student", args.student, student), ("teacher", args.teacher, teacher)):
         check_runs(model, x, f"the {role} {spec}")
     out = Path(args.out)
-    teacher, _ = ready_teacher(args, teacher, args.teacher, args.teacher_weights, "--teacher-weights", train, test,
+    teacher, _ = ready_teacher(args, teacher, args.teacher, args.teacher_weights, "--teacher-weights", train, val,
                                out)
-    result = distill(student, teacher, train, test, task=args.task,
+    result = distill(student, teacher, train, val, task=args.task,
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labels=args.labels,
                      out_dir=out, resume=args.resume)
     save(capture(result.student.eval(), x), out / "student.pt2")  # a plain module is captured to be saved
+    report = distill_report(args, teacher, result, val, test)
+    print(f"the last epoch (its val_ scores on {len(val):,} val images):")
     print(json.dumps(result.history[-1], indent=1))
-    print(f"\ndistilled student saved to {out / 'student.pt2'}")
+    print(f"\ntest, {len(test):,} images: teacher {describe_scores(report['test']['teacher'])}; student "
+          f"{describe_scores(report['test']['student'])}\n{report['note']}")
+    if is_main():
+        write_json(out / REPORT_FILE, report)
+    print(f"\ndistilled student saved to {out / 'student.pt2'}, the report to {out / REPORT_FILE}")
+
+
+def distill_report(args, teacher, result, val, test) -> dict:
+    """What `cpdfx distill` writes as report.json: the student's val scores at
+    the last epoch, and the teacher's and the student's on the test split,
+    scored here once, after training."""
+    score = functools.partial(evaluate, data=test, task=args.task, batch_size=args.batch_size)
+    last = result.history[-1] if result.history else {}
+    return {"val": {"images": len(val), "student": {k[4:]: v for k, v in last.items() if k.startswith("val_")}},
+            "test": {"images": len(test), "teacher": score(teacher), "student": score(result.student)},
+            "note": split_note(args, val, test, "the test scores (report.json's \"test\")")}
 
 
 def check_runs(model, x, what: str) -> None:
@@ -463,7 +496,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def cmd_compress(args) -> None:
     Target(**budget(args))  # a missing or bad budget is refused before a teacher is checked or trained
-    train, val = load_data(args, "train"), load_data(args, "test", augment=False)
+    train, val, test = load_data(args, "train"), load_data(args, "val"), load_data(args, "test")
     x = example_input(args, train)
     model = load_model(args.model, args.task, x, train, args.weights).eval()
     out = Path(args.out)
@@ -473,9 +506,12 @@ def cmd_compress(args) -> None:
                       round_to=args.round_to, runtime=args.runtime, min_keep=count_or_share(args.min_keep),
                       ignore=tuple(args.ignore or ()),
                       latency_options=latency_options(args), labels=args.labels, out_dir=out / "train",
-                      resume=args.resume, batch_size=args.batch_size, lr=args.lr)
+                      resume=args.resume, batch_size=args.batch_size, lr=args.lr, test_data=test)
     if is_main():  # under torchrun every rank holds the same slim model; one exports, times and reports it
-        ship(model, result.model, x, val, args.task, out, title=f"cpdfx compress {args.model}", training=training)
+        metric, tested = "top1" if args.task == "classification" else "miou", result.report["test"]
+        ship(model, result.model, x, test, args.task, out, title=f"cpdfx compress {args.model}",
+             training=[*training, split_note(args, val, test, "the scores in the table (report.json's \"test\")")],
+             scores={"original": tested["teacher"][metric], "slim": tested["student"][metric]})
 
 
 def cmd_demo(args) -> None:
@@ -491,6 +527,16 @@ def _share(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text}: a budget is the share of the original to keep, in (0, 1]")
+    return value
+
+
+def _val_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: the share of the training data to hold out, in [0, 1)")
     return value
 
 
@@ -511,7 +557,7 @@ def _model_args(p, name="model"):
 def _data_args(p, required=False):
     p.add_argument("--data", required=required,
                    help="fashion-mnist, digits, fashion-seg, or a folder (one sub-folder per class; "
-                        "images/ and masks/ for segmentation; train/ and test/ splits when present)")
+                        "images/ and masks/ for segmentation; train/, val/ and test/ splits when present)")
     p.add_argument("--image-size", type=int, default=224, help="image size for folder data (default 224)")
     p.add_argument("--normalize", action="store_true", help="normalise images with the dataset's statistics")
 
@@ -548,6 +594,10 @@ def _training_args(p, out: str) -> None:
     p.add_argument("--train-teacher", type=int, metavar="EPOCHS", default=0,
                    help="train the teacher on the labels for EPOCHS first; its weights are saved as "
                         f"{TEACHER_FILE} in --out")
+    p.add_argument("--val-share", type=_val_share, default=VAL_SHARE,
+                   help=f"the share of the training data held out as the val split, which each epoch's validation "
+                        f"and the teacher check read (default {VAL_SHARE:g}; the same images in every run). A folder "
+                        f"with a val/ sub-folder uses it instead. The test split is read once, after training")
     p.add_argument("--allow-untrained-teacher", action="store_true",
                    help="distil even from a teacher at chance level on the validation data (refused by "
                         "default: it would teach nothing)")
@@ -666,7 +716,7 @@ FLAGS = {"macs": "--macs", "params": "--params", "latency": "--speedup", "steps"
          "labels=False": "--no-labels", "task": "--task", "importance": "--importance", "round_to": "--round-to",
          "min_keep": "--min-keep", "ignore": "--ignore", "runtime": "--runtime",
          "latency_options tolerance": "--speedup-tolerance", "latency_options batch": "--latency-batch",
-         "inputs_or_shape": "--input-shape",
+         "inputs_or_shape": "--input-shape", "val_share": "--val-share",
          "repeats": "--repeats", "min_seconds": "--min-seconds", "samples": "--samples", "threads": "--threads"}
 _NAMES = re.compile(r"(?<![\w./-])(%s)(?![\w/])(?:=('[^']*'|[^\s,;:)]*))?"
                     % "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)))

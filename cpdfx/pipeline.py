@@ -26,9 +26,11 @@ from .version import __version__
 
 
 def ship(teacher, slim, x, val, task: str, out: Path, *, title: str, repeats: int = 30,
-         batch_sizes=(1, 8), threads: int | None = None, training=()) -> dict:
+         batch_sizes=(1, 8), threads: int | None = None, training=(), scores=None) -> dict:
     """Save, export, time and report the original and the slim model in out/.
-    training: lines that state how each model was trained, for the report."""
+    training: lines that state how each model was trained, for the report.
+    scores: {"original": s, "slim": s} in the task's metric where they were
+    measured already (cpdfx compress's test scores); else measured on val."""
     out.mkdir(parents=True, exist_ok=True)
     save(slim, out / "slim.pt2")
     paths = {"original": export_onnx(teacher, x, out / "original.onnx"),
@@ -36,7 +38,8 @@ def ship(teacher, slim, x, val, task: str, out: Path, *, title: str, repeats: in
     timing = bench(paths, tuple(x.shape[1:]), batch_sizes=batch_sizes, repeats=repeats, threads=threads)
     timing.to_json(out / "bench.json")
     metric = "top1" if task == "classification" else "miou"
-    scores = {"original": evaluate(teacher, val, task=task)[metric], "slim": evaluate(slim, val, task=task)[metric]}
+    scores = scores or {"original": evaluate(teacher, val, task=task)[metric],
+                        "slim": evaluate(slim, val, task=task)[metric]}
     costs = {"original": per_image(teacher, x), "slim": per_image(slim, x)}  # as the pruning report counts
     timing.plot(out / "latency.png", macs={k: c.macs for k, c in costs.items()}, accuracy=scores, metric=metric)
     summary = {"metric": metric, "scores": scores, "macs": {k: c.macs for k, c in costs.items()},

@@ -4,7 +4,9 @@ weights that never reached it) teaches nothing, and a slim model that then
 scores above it reads as a gain.
 
 `check_teacher` scores the teacher on at most CHECK_IMAGES validation images
-(a fixed random sample) and compares it with chance: the score of always
+(a fixed random sample; `cpdfx compress` and `cpdfx distill` give it the val
+split, held out of the training data, so the test split stays unread until
+the final scores) and compares it with chance: the score of always
 predicting the most frequent class of those images (top-1: that class's share
 of the images, 1/classes on balanced data; mIoU: its share of the labelled
 pixels, divided by the number of classes the masks hold). A teacher counts as
@@ -57,7 +59,8 @@ class TeacherCheck:
 
 def check_teacher(model: nn.Module, val_data, *, task: str = "classification", images: int = CHECK_IMAGES,
                   batch_size: int = 64, device=None, seed: int = 0) -> TeacherCheck:
-    """The teacher's score against chance on at most `images` of val_data."""
+    """The teacher's score against chance on at most `images` of val_data (a
+    validation split, not the test split the final scores are read on)."""
     sample = sample_of(val_data, images, seed)
     metric = "top1" if task == "classification" else "miou"
     score = evaluate(model, sample, task=task, batch_size=batch_size, device=device)[metric]

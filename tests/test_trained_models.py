@@ -1,7 +1,8 @@
 """A user's own trained model in: --weights (state dicts in .pt/.pth/.safetensors,
 loaded strictly), hf:PATH (a save_pretrained folder), and the teacher check that
 refuses to distil from a teacher at chance level unless it is trained first
-(--train-teacher) or the user insists (--allow-untrained-teacher)."""
+(--train-teacher) or the user insists (--allow-untrained-teacher), on the val
+split held out of the training data; the test split is read once, at the end."""
 import json
 import re
 
@@ -11,7 +12,9 @@ from safetensors.torch import save_file
 
 from cpdfx import cli, zoo
 from cpdfx.cli import main
-from cpdfx.data import digits
+from cpdfx.data import digits, resolve_data
+from cpdfx.distill import evaluate
+from cpdfx.export import load
 from cpdfx.models import ResNetTiny
 from cpdfx.teacher import TeacherCheck, chance_score, check_teacher
 
@@ -194,19 +197,46 @@ def test_compress_refuses_an_untrained_teacher_before_writing_anything(tmp_path,
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, one_thread):
-    """compress with --train-teacher 2: the teacher is trained, saved and checked first."""
+    """compress with --train-teacher 3: the teacher is trained, saved and checked first."""
     out = tmp_path_factory.mktemp("train-teacher") / "run"
-    assert main([*COMPRESS, "--train-teacher", "2", "--out", str(out)]) == 0
+    assert main([*COMPRESS, "--train-teacher", "3", "--out", str(out)]) == 0
     return out
 
 
 def test_train_teacher_reports_a_real_teacher_and_saves_it(trained_run):
     report = json.loads((trained_run / "report.json").read_text())
     summary = json.loads((trained_run / "summary.json").read_text())
-    assert report["teacher"]["top1"] > 0.5 and summary["scores"]["original"] == report["teacher"]["top1"]
-    assert "trained here on the labels for 2 epoch(s)" in summary["training"][0]
+    assert report["teacher"]["top1"] > 0.5 and summary["scores"]["original"] == report["test"]["teacher"]["top1"]
+    assert "trained here on the labels for 3 epoch(s) on 1,212 training images" in summary["training"][0]
     assert "teacher.pt" in (trained_run / "report.md").read_text()
     ResNetTiny(10, 1).load_state_dict(torch.load(trained_run / "teacher.pt", weights_only=True))
+
+
+def test_compress_validates_on_val_and_reads_test_once_at_the_end(trained_run):
+    """digits' 1347 training images less the 135 (10%) held out as val: the
+    teacher check and the epochs' validation score those 135; the report's
+    "test" and the table score the 450 test images."""
+    report = json.loads((trained_run / "report.json").read_text())
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert "on 135 validation images" in summary["training"][0]
+    assert summary["training"][-1].startswith("Val: 135 images (held out of the training data by --val-share 0.1)")
+    assert report["test"]["images"] == 450 and report["test"]["teacher"]["top1"] > 0.5
+    assert summary["scores"] == {"original": report["test"]["teacher"]["top1"],
+                                 "slim": report["test"]["student"]["top1"]}
+    slim = load(trained_run / "slim.pt2").eval()
+    val, test = resolve_data("digits", split="val"), resolve_data("digits", split="test")
+    assert report["student"]["top1"] == pytest.approx(evaluate(slim, val)["top1"])  # the last epoch's validation
+    assert report["test"]["student"]["top1"] == pytest.approx(evaluate(slim, test)["top1"])
+    assert "Test: 450 images, read once, after training" in (trained_run / "report.md").read_text()
+
+
+def test_val_share_zero_on_data_without_a_val_folder_is_refused(tmp_path, capsys):
+    assert main([*COMPRESS, "--val-share", "0", "--out", str(tmp_path / "run")]) == 2
+    assert "no 'val' split with --val-share 0: give a --val-share above 0" in error_line(capsys)
+    with pytest.raises(SystemExit) as stop:  # argparse's own usage error
+        main([*COMPRESS, "--val-share", "1", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2 and "--val-share: 1: the share of the training data to hold out, in [0, 1)" in \
+        capsys.readouterr().err
 
 
 def test_compress_runs_from_trained_weights(trained_run, tmp_path):
@@ -240,3 +270,20 @@ def test_a_resumed_run_reads_its_trained_teacher_back(tmp_path, monkeypatch, one
     assert main([*command, "--resume"]) == 0
     again = torch.load(tmp_path / "teacher.pt", weights_only=True)
     assert again.keys() == saved.keys() and all(torch.equal(again[k], v) for k, v in saved.items())
+
+
+def test_distill_validates_on_the_val_share_and_reports_test(trained_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "cli_models:small_digits_net", "resnet", "--data", "digits", "--epochs", "1",
+                 "--val-share", "0.2", "--teacher-weights", str(trained_run / "teacher.pt"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["val"]["images"] == 269 and report["test"]["images"] == 450  # 20% of 1347 held out
+    compressed = json.loads((trained_run / "report.json").read_text())
+    assert report["test"]["teacher"] == compressed["test"]["teacher"]  # the same teacher on the same test images
+    student = load(out / "student.pt2").eval()
+    val, test = resolve_data("digits", split="val", val_share=0.2), resolve_data("digits", split="test")
+    assert report["val"]["student"]["top1"] == pytest.approx(evaluate(student, val)["top1"])
+    assert report["test"]["student"]["top1"] == pytest.approx(evaluate(student, test)["top1"])
+    assert "its val_ scores on 269 val images" in printed and "test, 450 images: teacher top-1" in printed
+    assert "on 269 validation images" in printed  # the teacher check
