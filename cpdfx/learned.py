@@ -110,10 +110,14 @@ class GatedStudent(nn.Module):
 class GateScores(Criterion):
     """What the final cut (and the fallback) ranks the channels by, handed
     over with `set` (`LearnedCallback.scores`), by `rank`:
-    "gates": |gate|, over the group's mean |gate| (the solver's "mean"
-        normalisation): the structure the resource-weighted penalty drove the
-        gates to; the closed channels rank last, the open ones by how far
-        training and the penalty left them open.
+    "gates" (the default): |gate|, over the group's mean |gate| (the
+        solver's "mean" normalisation): the structure the resource-weighted
+        penalty drove the gates to; the closed channels rank last, the open
+        ones by how far training and the penalty left them open. Chosen on
+        validation (benchmarks/results/learned_selection.md): with the
+        defaults, 68.7% against 68.2% for "fisher"; where the penalty met
+        the budget by itself (growth 1.1), 67.6% against 65.2%, "fisher"
+        there keeping a structure other than the open gates'.
     "fisher": the batch Fisher (importance.Fisher(per_sample=False),
         "fisher_batch") of the network the gates make: the squared gradient
         of the batch's loss on a mask on each folded channel,
