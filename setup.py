@@ -13,7 +13,7 @@ setup(
     # torch is pinned in constraints.txt (the CPU wheel); see README
     install_requires=["torch>=2.10", "numpy", "onnx", "onnxruntime", "onnxscript", "sympy", "tqdm", "pillow",
                       "scikit-learn", "matplotlib", "safetensors"],
-    extras_require={"test": ["pytest", "hypothesis", "transformers>=5"],
-                    "bench": ["transformers>=5", "torch-pruning"]},
+    extras_require={"test": ["pytest", "hypothesis", "transformers>=5", "scipy"],
+                    "bench": ["transformers>=5", "torch-pruning", "scipy"]},
     scripts=["bin/cpdfx"],  # not an entry point: see the script
 )

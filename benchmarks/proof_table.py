@@ -1,0 +1,135 @@
+"""The tables of benchmarks/results/distill_proof.json, with paired tests.
+
+    python benchmarks/proof_table.py            # print the markdown
+    python benchmarks/proof_table.py --write    # and replace the generated sections of README.md and RESULTS.md
+
+Rows pair by (arch, budget, seed): the methods of one seed share the teacher,
+the data, its order and the schedule. Each comparison gives the mean and std
+of the paired differences in test top-1 (points), the paired t-test's p and
+the Wilcoxon signed-rank test's p (both two-sided; with 5 pairs the smallest
+Wilcoxon p there is is 0.0625, so it cannot reach 0.05 whatever the gap).
+A gap whose t-test p is 0.05 or more is reported as "the same".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from scipy import stats
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "distill_proof.json"
+METHODS = ("plain", "kd", "tp", "tp+kd", "learned")
+COMPARISONS = (("kd", "plain", "the teacher term"), ("kd", "tp+kd", "the structure, both distilled"),
+               ("tp+kd", "tp", "the teacher term on Torch-Pruning's structure"),
+               ("learned", "kd", "learned gates against Fisher"))
+BEGIN, END = "<!-- distill_proof:begin -->", "<!-- distill_proof:end -->"
+
+
+def load(path: Path = RESULTS) -> list[dict]:
+    return [r for r in json.loads(path.read_text()) if r.get("stage", "row") == "row"]
+
+
+def cells(rows) -> dict:
+    """(arch, method, macs) -> {seed: row}."""
+    out = defaultdict(dict)
+    for r in rows:
+        out[r["arch"], r["method"], r["macs"]][r["seed"]] = r
+    return out
+
+
+def mean_std(values) -> str:
+    if not values:
+        return "-"
+    points = [100 * v for v in values]
+    std = statistics.stdev(points) if len(points) > 1 else 0.0
+    return f"{statistics.mean(points):.2f} ± {std:.2f}"
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """The paired differences a - b (points) over the seeds both have."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diff = [100 * (a[s]["test_top1"] - b[s]["test_top1"]) for s in seeds]
+    t_p = float(stats.ttest_rel([a[s]["test_top1"] for s in seeds], [b[s]["test_top1"] for s in seeds]).pvalue) \
+        if any(diff) else 1.0
+    w_p = float(stats.wilcoxon(diff).pvalue) if any(diff) else 1.0
+    return {"n": len(seeds), "mean": statistics.mean(diff), "std": statistics.stdev(diff), "t_p": t_p, "w_p": w_p}
+
+
+def verdict(c: dict, a: str, b: str) -> str:
+    if c["t_p"] >= 0.05:
+        return "the same"
+    return f"{a} better" if c["mean"] > 0 else f"{b} better"
+
+
+def accuracy_table(rows) -> str:
+    by = cells(rows)
+    lines = []
+    for arch in sorted({r["arch"] for r in rows}):
+        teacher = next((r for r in rows if r["arch"] == arch and r["method"] == "teacher"), None)
+        budgets = sorted({r["macs"] for r in rows if r["arch"] == arch and r["method"] != "teacher"}, reverse=True)
+        methods = [m for m in METHODS if any((arch, m, b) in by for b in budgets)]
+        head = f"**{arch}**" + (f", teacher {100 * teacher['test_top1']:.2f}% test top-1 "
+                                  f"(sha256 {teacher['teacher_sha256'][:12]})" if teacher else "")
+        lines += [head, "", "| MACs asked | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for b in budgets:
+            row = []
+            for m in methods:
+                got = by.get((arch, m, b), {})
+                kept = statistics.mean(r["macs_kept"] for r in got.values()) if got else None
+                row.append(f"{mean_std([r['test_top1'] for r in got.values()])} (n={len(got)}, "
+                           f"{100 * kept:.1f}% MACs)" if got else "-")
+            lines.append(f"| {100 * b:g}% | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def comparison_table(rows) -> str:
+    by = cells(rows)
+    lines = ["| arch | MACs | comparison | what it isolates | Δ test top-1 (points) | paired t p | Wilcoxon p | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arch in sorted({r["arch"] for r in rows}):
+        for b in sorted({r["macs"] for r in rows if r["arch"] == arch and r["method"] != "teacher"}, reverse=True):
+            for a, z, what in COMPARISONS:
+                c = paired(by.get((arch, a, b), {}), by.get((arch, z, b), {}))
+                if c is None:
+                    continue
+                lines.append(f"| {arch} | {100 * b:g}% | {a} − {z} | {what} | {c['mean']:+.2f} ± {c['std']:.2f} "
+                             f"(n={c['n']}) | {c['t_p']:.3g} | {c['w_p']:.3g} | {verdict(c, a, z)} |")
+    return "\n".join(lines)
+
+
+def markdown(rows) -> str:
+    return "\n".join(["Test top-1, mean ± std over seeds (each row's test split read once):", "",
+                      accuracy_table(rows), comparison_table(rows)])
+
+
+def replace_section(path: Path, body: str) -> None:
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} section to replace")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--write", action="store_true", help="replace the generated sections of README and RESULTS")
+    args = parser.parse_args()
+    body = markdown(load(Path(args.results)))
+    print(body)
+    if args.write:
+        for path in (HERE.parent / "README.md", HERE / "RESULTS.md"):
+            replace_section(path, body)
+
+
+if __name__ == "__main__":
+    main()

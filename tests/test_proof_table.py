@@ -1,0 +1,73 @@
+"""benchmarks/proof_table.py: rows pair by seed, the p-values are scipy's paired
+tests of those pairs, a gap inside the noise reads "the same", and the
+generated sections of README and RESULTS are replaced, never appended."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import proof_table  # noqa: E402
+
+KEYS = {"arch", "method", "macs", "seed", "test_top1", "val_top1", "val_curve", "macs_kept", "params_kept", "widths",
+        "teacher_sha256", "epochs", "command"}
+
+
+def row(method, seed, top1, macs=0.25, arch="a"):
+    return {"arch": arch, "method": method, "macs": macs, "seed": seed, "test_top1": top1, "macs_kept": macs,
+            "stage": "row"}
+
+
+def test_pairs_by_seed_and_uses_the_paired_tests():
+    kd = {s: row("kd", s, 0.80 + 0.01 * s) for s in range(5)}
+    plain = {s: row("plain", s, 0.78 + 0.01 * s + (0.004 if s == 2 else -0.003 if s == 4 else 0)) for s in reversed(range(5))}
+    c = proof_table.paired(kd, plain)
+    a, b = [kd[s]["test_top1"] for s in range(5)], [plain[s]["test_top1"] for s in range(5)]
+    assert c["n"] == 5
+    assert c["mean"] == pytest.approx(100 * (sum(a) - sum(b)) / 5)
+    assert c["t_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert c["t_p"] < 1e-4  # a steady 2-point gap, seed by seed, though the seeds spread 4 points
+    assert proof_table.verdict(c, "kd", "plain") == "kd better"
+
+
+def test_a_gap_inside_the_noise_is_the_same():
+    kd = {s: row("kd", s, 0.80 + (0.01 if s % 2 else -0.01)) for s in range(5)}
+    plain = {s: row("plain", s, 0.80) for s in range(5)}
+    c = proof_table.paired(kd, plain)
+    assert c["t_p"] > 0.05 and proof_table.verdict(c, "kd", "plain") == "the same"
+
+
+def test_tables_skip_select_rows_and_name_every_comparison(tmp_path):
+    rows = [row(m, s, 0.8 + 0.001 * s + (0.02 if m == "kd" else 0)) for m in ("kd", "plain") for s in range(5)]
+    rows.append({**row("kd", 100, 0.99), "stage": "select"})
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    loaded = proof_table.load(path)
+    assert len(loaded) == 10  # the select row chose something on validation; it is not a result
+    text = proof_table.markdown(loaded)
+    assert "| a | 25% | kd − plain |" in text and "kd better" in text
+
+
+def test_sections_are_replaced(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{proof_table.BEGIN}\nold\n{proof_table.END}\nafter\n")
+    proof_table.replace_section(page, "new")
+    proof_table.replace_section(page, "newer")
+    assert page.read_text() == f"intro\n{proof_table.BEGIN}\nnewer\n{proof_table.END}\nafter\n"
+
+
+def test_committed_rows_hold_what_reproduces_them():
+    path = ROOT / "benchmarks" / "results" / "distill_proof.json"
+    if not path.is_file():
+        pytest.skip("no distill_proof.json committed yet")
+    rows = json.loads(path.read_text())
+    for r in rows:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["method"] in ("teacher",) + proof_table.METHODS
+        if r.get("stage", "row") == "row":
+            assert r["test_top1"] is not None and len(r["teacher_sha256"]) == 64
+        else:
+            assert r["test_top1"] is None  # a choice made on validation never read the test split
