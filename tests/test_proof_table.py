@@ -41,7 +41,7 @@ def test_a_gap_inside_the_noise_is_the_same():
 
 
 def test_tables_skip_select_rows_and_name_every_comparison(tmp_path):
-    rows = [row(m, s, 0.8 + 0.001 * s + (0.02 if m == "kd" else 0)) for m in ("kd", "plain") for s in range(5)]
+    rows = [row(m, s, 0.8 + 0.001 * s + (0.02 + 0.003 * (s % 2) if m == "kd" else 0)) for m in ("kd", "plain") for s in range(5)]
     rows.append({**row("kd", 100, 0.99), "stage": "select"})
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows))
