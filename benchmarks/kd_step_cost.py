@@ -13,15 +13,20 @@ run, then a short KD run, for --rounds rounds, so that load from other
 processes falls on both alike; each run's first step is dropped (it builds the
 optimizer's state), the others are timed between the callback's calls, which
 come after each optimizer step. Prints the mean step times and their ratio
-(and the ratio of the medians, steadier on a loaded machine), with the machine.
+(and the ratio of the medians, steadier on a loaded machine), with the machine,
+and writes one row per model, with its command and machine, to --out
+(benchmarks/results/kd_step_cost.json by default).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
@@ -41,6 +46,7 @@ def hf_resnet18():
     return zoo.build("resnet18", small=False, num_channels=1)
 
 
+OUT = Path(__file__).parent / "results" / "kd_step_cost.json"
 MODELS = {"resnet_tiny": resnet_tiny, "hf_resnet18": hf_resnet18}
 
 
@@ -91,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=str(OUT), help="the JSON rows (default %(default)s)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,11 +105,15 @@ def main() -> None:
     print("| model | plain step ms (mean) | KD step ms (mean) | KD / plain (means) | KD / plain (medians) | "
           "timed steps each |")
     print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     for name in args.models:
         r = measure(name, args.rounds, args.steps, args.batch, args.device)
+        rows.append({**r, "batch": args.batch, "device": args.device, "machine": machine(args.device),
+                     "command": " ".join(["python", *sys.argv])})
         print(f"| {r['model']} | {r['plain_ms']:.1f} | {r['kd_ms']:.1f} | {r['ratio']:.3f} | {r['median_ratio']:.3f} | "
               f"{r['steps_each']} |",
               flush=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The tables of benchmarks/results/distill_proof.json, with paired tests.
 
     python benchmarks/proof_table.py            # print the markdown
-    python benchmarks/proof_table.py --write    # and replace the generated sections of README.md and RESULTS.md
+    python benchmarks/proof_table.py --write    # and replace the generated sections of RESULTS.md (the
+                                                # tables) and README.md (one line per budget)
 
 Rows pair by (arch, budget, seed): the methods of one seed share the teacher,
 the data, its order and the schedule. Each comparison gives the mean and std
@@ -61,6 +62,10 @@ def paired(a: dict, b: dict) -> dict | None:
     return {"n": len(seeds), "mean": statistics.mean(diff), "std": statistics.stdev(diff), "t_p": t_p, "w_p": w_p}
 
 
+def fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def verdict(c: dict, a: str, b: str) -> str:
     if c["t_p"] >= 0.05:
         return "the same"
@@ -101,7 +106,28 @@ def comparison_table(rows) -> str:
                 if c is None:
                     continue
                 lines.append(f"| {arch} | {100 * b:g}% | {a} − {z} | {what} | {c['mean']:+.2f} ± {c['std']:.2f} "
-                             f"(n={c['n']}) | {c['t_p']:.3g} | {c['w_p']:.3g} | {verdict(c, a, z)} |")
+                             f"(n={c['n']}) | {fmt_p(c['t_p'])} | {fmt_p(c['w_p'])} | {verdict(c, a, z)} |")
+    return "\n".join(lines)
+
+
+def readme_table(rows) -> str:
+    """One line per (arch, budget): each method's mean test top-1 and each comparison's gap with its p."""
+    by, lines = cells(rows), []
+    lines += ["| Fashion-MNIST, 5 seeds | teacher | " + " | ".join(METHODS) + " | " +
+              " | ".join(f"{a} − {b} (p)" for a, b, _ in COMPARISONS) + " |",
+              "|---|---|" + "---|" * (len(METHODS) + len(COMPARISONS))]
+    for arch in sorted({r["arch"] for r in rows}):
+        teacher = next((r for r in rows if r["arch"] == arch and r["method"] == "teacher"), None)
+        for b in sorted({r["macs"] for r in rows if r["arch"] == arch and r["method"] != "teacher"}, reverse=True):
+            means = [f"{100 * statistics.mean(r['test_top1'] for r in by[arch, m, b].values()):.2f}"
+                     if by.get((arch, m, b)) else "-" for m in METHODS]
+            gaps = []
+            for a, z, _ in COMPARISONS:
+                c = paired(by.get((arch, a, b), {}), by.get((arch, z, b), {}))
+                gaps.append("-" if c is None else f"{c['mean']:+.2f} ({fmt_p(c['t_p'])})")
+            lines.append(f"| {arch}, {100 * b:g}% MACs | {100 * teacher['test_top1']:.2f} | " if teacher else
+                         f"| {arch}, {100 * b:g}% MACs | - | ")
+            lines[-1] += " | ".join(means + gaps) + " |"
     return "\n".join(lines)
 
 
@@ -124,11 +150,12 @@ def main():
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--write", action="store_true", help="replace the generated sections of README and RESULTS")
     args = parser.parse_args()
-    body = markdown(load(Path(args.results)))
+    rows = load(Path(args.results))
+    body = markdown(rows)
     print(body)
     if args.write:
-        for path in (HERE.parent / "README.md", HERE / "RESULTS.md"):
-            replace_section(path, body)
+        replace_section(HERE / "RESULTS.md", body)
+        replace_section(HERE.parent / "README.md", readme_table(rows))
 
 
 if __name__ == "__main__":
