@@ -66,6 +66,11 @@ def fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def p_is(p: float) -> str:
+    text = fmt_p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
+
+
 def verdict(c: dict, a: str, b: str) -> str:
     if c["t_p"] >= 0.05:
         return "the same"
@@ -111,23 +116,23 @@ def comparison_table(rows) -> str:
 
 
 def readme_table(rows) -> str:
-    """One line per (arch, budget): each method's mean test top-1 and each comparison's gap with its p."""
+    """One line per (arch, budget): kd's mean test top-1, and each other method's
+    with kd's paired gap over it and that gap's t-test p."""
     by, lines = cells(rows), []
-    lines += ["| Fashion-MNIST, 5 seeds | teacher | " + " | ".join(METHODS) + " | " +
-              " | ".join(f"{a} − {b} (p)" for a, b, _ in COMPARISONS) + " |",
-              "|---|---|" + "---|" * (len(METHODS) + len(COMPARISONS))]
+    others = [m for m in METHODS if m != "kd"]
+    lines += ["| model, MACs kept | teacher | kd | " + " | ".join(others) + " |", "|---|---|---|" + "---|" * len(others)]
     for arch in sorted({r["arch"] for r in rows}):
         teacher = next((r for r in rows if r["arch"] == arch and r["method"] == "teacher"), None)
         for b in sorted({r["macs"] for r in rows if r["arch"] == arch and r["method"] != "teacher"}, reverse=True):
-            means = [f"{100 * statistics.mean(r['test_top1'] for r in by[arch, m, b].values()):.2f}"
-                     if by.get((arch, m, b)) else "-" for m in METHODS]
-            gaps = []
-            for a, z, _ in COMPARISONS:
-                c = paired(by.get((arch, a, b), {}), by.get((arch, z, b), {}))
-                gaps.append("-" if c is None else f"{c['mean']:+.2f} ({fmt_p(c['t_p'])})")
-            lines.append(f"| {arch}, {100 * b:g}% MACs | {100 * teacher['test_top1']:.2f} | " if teacher else
-                         f"| {arch}, {100 * b:g}% MACs | - | ")
-            lines[-1] += " | ".join(means + gaps) + " |"
+            kd = by.get((arch, "kd", b), {})
+            cell = [f"{100 * teacher['test_top1']:.2f}" if teacher else "-",
+                    f"{100 * statistics.mean(r['test_top1'] for r in kd.values()):.2f}" if kd else "-"]
+            for m in others:
+                got = by.get((arch, m, b), {})
+                c = paired(kd, got)
+                mean = f"{100 * statistics.mean(r['test_top1'] for r in got.values()):.2f}" if got else "-"
+                cell.append(mean if c is None else f"{mean} (kd {c['mean']:+.2f}, {p_is(c['t_p'])})")
+            lines.append(f"| {arch}, {100 * b:g}% | " + " | ".join(cell) + " |")
     return "\n".join(lines)
 
 
