@@ -312,7 +312,9 @@ class Fisher(_GradientCriterion):
     train mode the samples of a batch are coupled through them, and no
     per-sample gradient exists; Group Fisher's reference code, reading
     activation x gradient per sample off the batch's backward, ignores that
-    coupling likewise). Only the first `samples` of each batch are scored
+    coupling likewise; so too a loss term that relates the samples of a
+    batch, such as DIST's intra-class term, which is constant on one sample
+    and adds nothing). Only the first `samples` of each batch are scored
     (None: all): an unbiased estimate of the sum over the batch up to one
     factor shared by every channel, which leaves the ranking alone, at a
     bounded cost per step (ResNetTiny at batch 64, one CPU thread: 16

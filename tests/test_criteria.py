@@ -112,10 +112,11 @@ def test_gradient_criteria_give_a_channel_that_feeds_nothing_zero(importance):
 def test_taylor_takes_the_absolute_gradient_per_batch():
     """Two batches whose gradients are opposite (as on a converged model, where
     they average to about zero) still show which channels matter: taylor is the
-    mean |mask gradient| per batch, so with equal magnitudes its square is fisher's."""
+    mean |mask gradient| per batch, so with equal magnitudes its square is the
+    batch form of fisher's."""
     gm = cpdfx.capture(MODELS["vgg"]().eval(), torch.randn(2, 3, 16, 16))
     comb = passes.comb(gm)
-    taylor, fisher = cpdfx.CRITERIA["taylor"](), cpdfx.CRITERIA["fisher"]()
+    taylor, fisher = cpdfx.CRITERIA["taylor"](), cpdfx.CRITERIA["fisher_batch"]()
     for sign in (1.0, -1.0):
         for p in gm.parameters():
             p.grad = sign * torch.ones_like(p)
@@ -143,7 +144,8 @@ def test_calibration_targets_reach_the_loss():
 
     x = torch.randn(2, 3, 16, 16)
     cal = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(3)]
-    cpdfx.prune(MODELS["vgg"]().eval(), x, macs=0.5, importance="fisher", calibration=cal, loss_fn=loss_fn)
+    # the batch form: its loss sees each batch whole (fisher's per-sample loss: test_fisher.py)
+    cpdfx.prune(MODELS["vgg"]().eval(), x, macs=0.5, importance="fisher_batch", calibration=cal, loss_fn=loss_fn)
     assert len(seen) == 3 and all(torch.equal(t, c[1]) for t, c in zip(seen, cal))
 
 

@@ -77,6 +77,19 @@ def test_only_the_first_samples_of_a_batch_are_scored():
     assert all(np.allclose(got[gid], expected[gid], rtol=2e-4, atol=1e-12) for gid in got)
 
 
+def test_calibration_batches_and_their_targets_reach_the_per_sample_loss():
+    gm = cpdfx.capture(_tiny().eval(), X)
+    comb = passes.comb(gm)
+    cal = [(torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))) for _ in range(2)]
+    fisher = Fisher()
+    cpdfx.importance.calibrate(fisher, gm, comb, cal, 1, F.cross_entropy)
+    got = fisher.scores(gm, comb)
+    x, y = torch.cat([c[0] for c in cal]), torch.cat([c[1] for c in cal])
+    expected = _naive(gm, comb, x, F.cross_entropy, y)  # all 10 samples, one "batch"; calibrate saw two
+    assert fisher.batches == 2
+    assert all(np.allclose(got[gid] * 2, expected[gid], rtol=2e-4, atol=1e-12) for gid in got)
+
+
 def test_the_batch_form_squares_the_mean_and_differs():
     """Two samples pulling a channel's mask opposite ways: their mean gradient
     is zero, so the batch form scores nothing; each sample's own gradient is
