@@ -572,7 +572,8 @@ def _budget_args(p):
                    help="keep a model up to this share slower than --speedup asks when none lands within 7%% "
                         "(e.g. 0.2; default 0: refuse, naming the speed-ups measured); never one more than 7%% faster")
     p.add_argument("--importance", default="fisher",
-                   help="fisher (default), taylor, l1, l2, bn_scale, random (compress also: learned)")
+                   help="fisher (default: per-sample Group Fisher), fisher_batch, taylor, l1, l2, bn_scale, random "
+                        "(compress also: learned)")
     p.add_argument("--round-to", type=int, default=None,
                    help="pruned widths a multiple of this (default: the runtime's channel block, finer only "
                         "where the budget needs it; 1 for free channel counts)")
