@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .cost import CostModel
 from .cpd import PruneCallback
-from .importance import Criterion
+from .importance import Criterion, gate_slices, gated as scale_slices
 from .budget import Budget, Target
 from .solve import plan
 from .pruner import Pruner
@@ -57,20 +57,12 @@ class GatedStudent(nn.Module):
         self.gm = gm
         self.ids = [g.id for g in groups]
         self.gates = nn.ParameterDict({f"g{g.id}": nn.Parameter(torch.ones(g.size)) for g in groups})
-        offsets = dict(zip(self.ids, np.cumsum([0] + [g.size for g in groups])[:-1].tolist()))
-        self.slices: dict[str, list[tuple[int, str]]] = {}
-        params = dict(gm.named_parameters())
-        for name, dims in comb.param_dims.items():
-            if name not in params:
-                continue  # buffers (running statistics) are not gated
-            for d, space in enumerate(dims):
-                for atom, coords in comb.spaces.coords(space):
-                    if atom not in offsets:
-                        continue
-                    index = np.where(coords >= 0, coords + 1 + offsets[atom], 0)
-                    key = f"index{sum(len(v) for v in self.slices.values())}"
-                    self.register_buffer(key, torch.as_tensor(index, dtype=torch.long), persistent=False)
-                    self.slices.setdefault(name, []).append((d, key))
+        self.slices: dict[str, list[tuple[int, str]]] = {}  # the gate index of each slice, as a buffer
+        for name, pairs in gate_slices(gm, comb, groups)[0].items():
+            for d, index in pairs:
+                key = f"index{sum(len(v) for v in self.slices.values())}"
+                self.register_buffer(key, torch.as_tensor(index, dtype=torch.long), persistent=False)
+                self.slices.setdefault(name, []).append((d, key))
 
     def train(self, mode: bool = True):
         self.training = mode
@@ -86,11 +78,7 @@ class GatedStudent(nn.Module):
         return torch.cat([one] + [self.gates[f"g{gid}"] for gid in self.ids])
 
     def gated(self, name: str, p: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        for d, key in self.slices.get(name, ()):
-            shape = [1] * p.dim()
-            shape[d] = -1
-            p = p * flat[getattr(self, key)].view(shape)
-        return p
+        return scale_slices(p, [(d, getattr(self, key)) for d, key in self.slices.get(name, ())], flat)
 
     def forward(self, *args, **kwargs):
         flat = self._flat()
