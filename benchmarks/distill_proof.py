@@ -214,12 +214,16 @@ def run_student(args, data, teacher, sha, method, macs, seed, *, stage="row", **
 # -- stages ----------------------------------------------------------------------------------
 
 
+def row_file(args, stage, arch, method, macs, seed, choice=None) -> Path:
+    tag = "-".join(f"{k}{v}" for k, v in sorted((choice or {}).items()))
+    name = f"{stage}_{arch}_{method}_{macs}_{seed}{'_' + tag if tag else ''}.json"
+    return Path(args.cache) / "rows" / name.replace("+", "p")
+
+
 def save(args, r: dict) -> None:
-    tag = "-".join(f"{k}{v}" for k, v in sorted((r.get("choice") or {}).items()))
-    name = f"{r.get('stage', 'row')}_{r['arch']}_{r['method']}_{r['macs']}_{r['seed']}{'_' + tag if tag else ''}.json"
-    folder = Path(args.cache) / "rows"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name.replace("+", "p")).write_text(json.dumps(r, indent=1))
+    path = row_file(args, r.get("stage", "row"), r["arch"], r["method"], r["macs"], r["seed"], r.get("choice"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=1))
     shown = {k: r[k] for k in ("arch", "method", "macs", "seed", "val_top1", "test_top1", "macs_kept", "wall_s")}
     print(json.dumps({**shown, "choice": r.get("choice")}), flush=True)
 
@@ -258,6 +262,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="/tmp/distill_proof")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--skip-done", action="store_true", help="rows: skip the rows already in --cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.stage == "collect":
@@ -282,7 +287,8 @@ def main():
     for seed in seeds(args.seeds):
         for macs in budgets:
             for method in args.methods.split(","):
-                save(args, run_student(args, data, teacher, sha, method, macs, seed))
+                if not (args.skip_done and row_file(args, "row", args.arch, method, macs, seed).is_file()):
+                    save(args, run_student(args, data, teacher, sha, method, macs, seed))
 
 
 if __name__ == "__main__":
