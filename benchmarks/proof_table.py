@@ -120,7 +120,7 @@ def readme_table(rows) -> str:
     with kd's paired gap over it and that gap's t-test p."""
     by, lines = cells(rows), []
     others = [m for m in METHODS if m != "kd"]
-    lines += ["| model, MACs kept | teacher | kd | " + " | ".join(others) + " |", "|---|---|---|" + "---|" * len(others)]
+    lines += ["| model, MACs asked | teacher | kd | " + " | ".join(others) + " |", "|---|---|---|" + "---|" * len(others)]
     for arch in sorted({r["arch"] for r in rows}):
         teacher = next((r for r in rows if r["arch"] == arch and r["method"] == "teacher"), None)
         for b in sorted({r["macs"] for r in rows if r["arch"] == arch and r["method"] != "teacher"}, reverse=True):
