@@ -49,6 +49,11 @@ def classifier(model: nn.Module) -> nn.Module:
 
 
 class TorchPruningCallback(Callback):
+    """distill's callback pruning the student with Torch-Pruning after the
+    optimizer steps `at`, to `macs` (a share of the original's MACs) along
+    cpdfx's geometric schedule; `importance` names the criterion (IMPORTANCE);
+    `events` records each step's ratio, target and the MACs it landed on."""
+
     def __init__(self, model: nn.Module, example: torch.Tensor, macs: float, at: list[int], importance: str,
                  round_to: int = 1):
         self.example, self.at, self.kind, self.round_to = example, list(at), importance, round_to
