@@ -32,3 +32,15 @@ def one_thread():
 def digits():
     from cpdfx import data
     return data.digits("train"), data.digits("test")
+
+
+@pytest.fixture(scope="module")
+def teacher(digits, one_thread):
+    """A small ResNet at ~95% on digits, trained on the labels alone: the
+    teacher of test_compress and test_learned (a module may define its own)."""
+    from cpdfx.distill import distill
+    from cpdfx.models import ResNetTiny
+    torch.manual_seed(0)
+    model = ResNetTiny(in_channels=1, widths=(8, 16, 32), blocks=(1, 1, 1))
+    distill(model, None, digits[0], epochs=2, batch_size=32, lr=3e-3, progress=False)
+    return model.eval()

@@ -12,9 +12,8 @@ import cpdfx
 from cpdfx import data
 from cpdfx.compress import compress
 from cpdfx.cpd import PruneCallback, prune_points
-from cpdfx.distill import distill
 from cpdfx.learned import LearnedCallback
-from cpdfx.models import ResNetTiny, UNetTiny
+from cpdfx.models import UNetTiny
 from helpers import fake_onnxruntime
 
 X = torch.randn(2, 1, 8, 8)
@@ -22,15 +21,6 @@ X = torch.randn(2, 1, 8, 8)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = dict(epochs=2, batch_size=32, lr=3e-3, progress=False)  # 42 steps an epoch: pruning in steps 1-42
-
-
-@pytest.fixture(scope="module")
-def teacher(digits):
-    """A small ResNet at ~95% on digits, trained on the labels alone."""
-    torch.manual_seed(0)
-    model = ResNetTiny(in_channels=1, widths=(8, 16, 32), blocks=(1, 1, 1))
-    distill(model, None, digits[0], epochs=2, batch_size=32, lr=3e-3, progress=False)
-    return model.eval()
 
 
 def weights(model):

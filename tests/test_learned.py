@@ -11,25 +11,14 @@ import torch
 import cpdfx
 from cpdfx.budget import Target
 from cpdfx.compress import compress
-from cpdfx.distill import distill
 from cpdfx.importance import Fisher
 from cpdfx.learned import gated_student, resolve_options
-from cpdfx.models import ResNetTiny
 
 X = torch.randn(2, 1, 8, 8)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = dict(epochs=2, batch_size=32, lr=3e-3, progress=False)  # 42 steps an epoch: pruning in steps 1-42
-
-
-@pytest.fixture(scope="module")
-def teacher(digits):
-    """A small ResNet at ~95% on digits, trained on the labels alone."""
-    torch.manual_seed(0)
-    model = ResNetTiny(in_channels=1, widths=(8, 16, 32), blocks=(1, 1, 1))
-    distill(model, None, digits[0], epochs=2, batch_size=32, lr=3e-3, progress=False)
-    return model.eval()
 
 
 def penalty_grads(teacher, cost_power):
