@@ -18,6 +18,7 @@ val/ sub-folder has its own instead (see resolve_data).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gzip
 import os
@@ -371,12 +372,15 @@ class FashionSegmentation(Augmented):
     intensity is above `threshold` (and the item is painted there, later items on
     top), background 0 elsewhere, so the mask is exactly what the image shows.
     Sample i is drawn from a generator seeded by (seed, i): deterministic, built
-    on the fly, nothing stored. `length` defaults to one item use per source image."""
+    on the fly, nothing stored. The items come from `sources` (indices into the
+    split's images; all of them by default), and `length` defaults to one item
+    use per source. split_off carves the sources, not the canvases, so no
+    held-out canvas shows an item a training canvas shows."""
 
     classes = ("background",) + FASHION_CLASSES
 
     def __init__(self, split: str = "train", *, canvas: int = 64, items: int = 3, length=None,
-                 threshold: float = 0.1, root=None, augment=False, normalize=False, seed=0):
+                 threshold: float = 0.1, root=None, augment=False, normalize=False, seed=0, sources=None):
         super().__init__(augment=augment, normalize=normalize, default_stats=FASHION_STATS, seed=seed)
         self.images, self.labels = fashion_arrays(split, root)
         side = self.images.shape[-1]
@@ -384,7 +388,8 @@ class FashionSegmentation(Augmented):
             raise DataError(f"FashionSegmentation needs canvas >= {side} (the item size) and items >= 1; "
                             f"got canvas={canvas}, items={items}")
         self.canvas, self.items, self.threshold = canvas, items, threshold
-        self.length = len(self.images) // items if length is None else length
+        self.sources = torch.arange(len(self.images)) if sources is None else torch.as_tensor(sources)
+        self.length = len(self.sources) // items if length is None else length
 
     def __len__(self):
         return self.length
@@ -392,8 +397,8 @@ class FashionSegmentation(Augmented):
     def placements(self, index: int) -> list[tuple[int, int, int, int]]:
         """(source index, class id 0..9, top, left) of each item of sample `index`, in paint order."""
         g = sample_generator(self.seed, -1, index)  # epoch -1: never an augmentation stream
-        side, n = self.images.shape[-1], len(self.images)
-        sources = torch.randint(0, n, (self.items,), generator=g).tolist()
+        side = self.images.shape[-1]
+        sources = self.sources[torch.randint(0, len(self.sources), (self.items,), generator=g)].tolist()
         corners = torch.randint(0, self.canvas - side + 1, (self.items, 2), generator=g).tolist()
         return [(s, int(self.labels[s]), top, left) for s, (top, left) in zip(sources, corners)]
 
@@ -414,6 +419,18 @@ class FashionSegmentation(Augmented):
             raise IndexError(f"index {index} out of range for {self.length} samples")
         return self.finish(index, *self.compose(index))
 
+    def split_off(self, share: float, seed: int = VAL_SEED) -> tuple[FashionSegmentation, FashionSegmentation]:
+        """(train, val) drawing from disjoint item sources, val from `share` of
+        them; each keeps this set's canvases per source."""
+        keep, held = cut(len(self.sources), share, seed)
+        return self.drawing_from(self.sources[keep]), self.drawing_from(self.sources[held])
+
+    def drawing_from(self, sources: torch.Tensor) -> FashionSegmentation:
+        part = copy.copy(self)
+        part.sources = sources
+        part.length = max(1, round(self.length * len(sources) / len(self.sources)))
+        return part
+
 
 # -- by name ----------------------------------------------------------------------------
 
@@ -432,8 +449,8 @@ def resolve_data(name_or_path, task: str = "classification", split: str = "train
     has one; otherwise `val_share` of the training split, drawn with VAL_SEED
     (see split_off), and "train" is the rest of it. val_share=0 holds nothing
     out: "train" is the whole training split and there is no "val".
-    fashion-seg's val canvases are new arrangements of the items its train
-    canvases also show, not new items. augment defaults to split == "train";
+    fashion-seg's val canvases show items its train canvases never show (the
+    items are split, see FashionSegmentation.split_off). augment defaults to split == "train";
     image_size applies to folders, root to the Fashion-MNIST sets."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(map(repr, SPLITS))}, not {split!r}")
@@ -506,16 +523,25 @@ class Part(Dataset):
         return self.dataset[self.indices[index]]
 
 
-def split_off(dataset: Dataset, share: float, seed: int = VAL_SEED) -> tuple[Part, Part]:
+def split_off(dataset: Dataset, share: float, seed: int = VAL_SEED) -> tuple[Dataset, Dataset]:
     """(train, val): `dataset` cut in two disjoint Parts that together hold all
     of it, val a random `share` of the items (rounded, at least one, never all),
     drawn from `seed` alone, so the same dataset and share give the same cut in
-    every run. Not stratified. Both keep the items' order in `dataset`."""
+    every run. Not stratified. Both keep the items' order in `dataset`.
+    A dataset that composes its samples from source items (FashionSegmentation)
+    has its own split_off, which cuts the sources the same way instead."""
+    if hasattr(dataset, "split_off"):
+        return dataset.split_off(share, seed)
+    train, val = cut(len(dataset), share, seed)
+    return Part(dataset, train), Part(dataset, val)
+
+
+def cut(n: int, share: float, seed: int = VAL_SEED) -> tuple[list[int], list[int]]:
+    """(kept, held out): range(n) cut at random, `share` of it held out (see split_off)."""
     if not 0 < share < 1:
         raise DataError(f"share={share}: give the share of the items to hold out, in (0, 1)")
-    n = len(dataset)
     if n < 2:
         raise DataError(f"cannot hold out a share of {n} item(s): a train and a val part need 2 or more")
     count = min(max(1, round(share * n)), n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Part(dataset, sorted(order[count:])), Part(dataset, sorted(order[:count]))
+    return sorted(order[count:]), sorted(order[:count])

@@ -22,6 +22,7 @@ KINDS = {"classification": ("kd", "dist"), "segmentation": ("kd", "cwd")}
 DEFAULT_KIND = {"classification": "kd", "segmentation": "cwd"}
 DEFAULT_TEMPERATURE = {"kd": 4.0, "dist": 1.0, "cwd": 4.0}
 DEFAULT_ALPHA = 1.0  # the distillation term's weight, next to the label loss at weight 1
+NO_MASS = -1e9  # a logit whose softmax share is exactly 0 (finite, so 0 * log 0 never turns up)
 
 
 def logits_of(output) -> torch.Tensor:
@@ -100,12 +101,19 @@ def dist_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
     return temperature ** 2 * (beta * inter + gamma * intra)
 
 
-def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
     """Channel-wise distillation: each channel's map is a distribution over the
     spatial positions (softmax with temperature); KL(teacher || student) per
     channel, times T^2, averaged over channels and samples. It makes the student
-    put each class's mass where the teacher does."""
+    put each class's mass where the teacher does. valid: an (N, H, W) bool
+    mask of the positions that count (the labelled ones; the logits are
+    resized to it); the others get no mass in either distribution."""
     s, t = same_resolution(student.float(), teacher.float())
+    if valid is not None:
+        s, t = resize_to(s, valid.shape[-2:]), resize_to(t, valid.shape[-2:])
+        void = ~valid.unsqueeze(1)
+        s, t = s.masked_fill(void, NO_MASS), t.masked_fill(void, NO_MASS)
     n, c = s.shape[:2]
     log_p_s = F.log_softmax(s.reshape(n * c, -1) / temperature, dim=1)
     log_p_t = F.log_softmax(t.reshape(n * c, -1) / temperature, dim=1)
@@ -156,7 +164,11 @@ class DistillLoss(nn.Module):
             if not self.labels:
                 raise ValueError("with neither labels nor a teacher there is nothing to learn from")
             return {"ce": cross_entropy(s, target, self.ignore_index)}
-        distill = DISTILL[self.kind](s, logits_of(teacher_out).detach(), self.temperature)
+        t = logits_of(teacher_out).detach()
+        if self.kind == "cwd" and target is not None and target.dim() == 3:
+            distill = cwd_loss(s, t, self.temperature, valid=target != self.ignore_index)
+        else:
+            distill = DISTILL[self.kind](s, t, self.temperature)
         if not self.labels:
             return {self.kind: distill}
         ce = cross_entropy(s, target, self.ignore_index)

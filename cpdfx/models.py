@@ -1,6 +1,6 @@
 """Small built-in vision models: the demo's teacher and the architectures the
 tests prune (residual, dense, inception, split, squeeze-excite, grouped,
-VGG, U-Net, FPN). Each factory takes the number of classes and input channels."""
+VGG, U-Net, FPN) and a deeper U-Net for segmentation benchmarks. Each factory takes the number of classes and input channels."""
 from __future__ import annotations
 
 import torch
@@ -202,7 +202,33 @@ class FPNTiny(nn.Module):
         return {"classes": self.cls(p1), "boxes": self.box(p2)}
 
 
+class UNet(nn.Module):
+    """U-Net of len(widths) levels: two 3x3 conv-BN-ReLU per level, max-pool
+    down, bilinear up, the encoder's map concatenated before each decoder
+    level. Its receptive field grows with the levels (about 70 px with four),
+    so each pixel can be classified by the whole object it lies on."""
+
+    def __init__(self, num_classes=4, in_channels=3, widths=(8, 16, 32, 64)):
+        super().__init__()
+        ins = (in_channels,) + tuple(widths[:-1])
+        self.down = nn.ModuleList([nn.Sequential(conv_bn(i, o), conv_bn(o, o)) for i, o in zip(ins, widths)])
+        self.up = nn.ModuleList([nn.Sequential(conv_bn(deep + skip, skip), conv_bn(skip, skip))
+                                 for deep, skip in zip(widths[:0:-1], widths[-2::-1])])
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, level in enumerate(self.down):
+            x = level(F.max_pool2d(x, 2) if i else x)
+            skips.append(x)
+        for level, skip in zip(self.up, skips[-2::-1]):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = level(torch.cat([x, skip], 1))
+        return self.head(x)
+
+
 MODELS = {
     "resnet": ResNetTiny, "dense": DenseTiny, "inception": InceptionTiny, "split": SplitTiny,
     "se": SETiny, "grouped": GroupedTiny, "vgg": VGGTiny, "unet": UNetTiny, "fpn": FPNTiny,
+    "unet4": UNet,
 }

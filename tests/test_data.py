@@ -294,13 +294,16 @@ def test_a_folder_with_val_uses_it_and_one_without_holds_out_of_train(tmp_path):
         data.resolve_data(tmp_path / "carved", split="val", val_share=0)
 
 
-def test_fashion_segmentation_holds_out_canvases(fake_root):
+def test_fashion_segmentation_holds_out_items_not_canvases(fake_root):
     whole = data.FashionSegmentation("train", root=fake_root)
     train = data.resolve_data("fashion-seg", "segmentation", "train", root=fake_root, val_share=0.25)
     val = data.resolve_data("fashion-seg", "segmentation", "val", root=fake_root, val_share=0.25)
-    assert (len(train), len(val)) == (len(whole) - 3, 3)  # 13 canvases of 40 items, 3 at a time
-    assert sorted(train.indices + val.indices) == list(range(len(whole)))
-    assert torch.equal(val[1][1], whole[val.indices[1]][1])
+    assert (len(whole.sources), len(train.sources), len(val.sources)) == (40, 30, 10)
+    assert sorted(train.sources.tolist() + val.sources.tolist()) == list(range(40))
+    assert (len(train), len(val)) == (10, 3)  # 13 canvases of 40 items, 3 at a time, in proportion
+    shown = {source for i in range(len(val)) for source, *_ in val.placements(i)}
+    assert shown <= set(val.sources.tolist()) and not shown & set(train.sources.tolist())
+    assert not val.augment and train.augment
 
 
 def test_split_off_cuts_any_dataset():

@@ -75,6 +75,20 @@ def test_cross_entropy_skips_ignored_pixels():
     torch.testing.assert_close(losses.cross_entropy(logits, ignored), expected)
 
 
+def test_cwd_leaves_out_the_pixels_the_labels_ignore():
+    """A crop pads the mask with the ignore index: CE skips those pixels, and so
+    does CWD, as if the image ended where its labels do."""
+    s, t = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4)
+    masks = torch.randint(0, 3, (2, 4, 4))
+    masks[:, 3] = 255  # the last row is padding
+    value = DistillLoss("segmentation", alpha=1.0, temperature=1.0).terms(s, t, masks)["cwd"]
+    torch.testing.assert_close(value, losses.cwd_loss(s[:, :, :3], t[:, :, :3], 1.0))
+    value.backward()
+    assert s.grad[:, :, 3].abs().max() == 0 and s.grad[:, :, :3].abs().max() > 0
+    everywhere = losses.cwd_loss(s, t, 1.0, valid=torch.ones(2, 4, 4, dtype=torch.bool))
+    torch.testing.assert_close(everywhere, losses.cwd_loss(s, t, 1.0))
+
+
 def test_distill_loss_adds_the_teacher_term_to_the_full_label_loss():
     s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
     loss = DistillLoss("classification", alpha=0.3, temperature=2.0)
