@@ -53,10 +53,26 @@ def test_tables_skip_select_rows_and_name_every_comparison(tmp_path):
 
 def test_sections_are_replaced(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text(f"intro\n{proof_table.BEGIN}\nold\n{proof_table.END}\nafter\n")
+    (b1, e1), (b2, e2) = proof_table.markers("classification"), proof_table.markers("segmentation")
+    page.write_text(f"intro\n{b1}\nold\n{e1}\nmid\n{b2}\nold\n{e2}\nafter\n")
     proof_table.replace_section(page, "new")
     proof_table.replace_section(page, "newer")
-    assert page.read_text() == f"intro\n{proof_table.BEGIN}\nnewer\n{proof_table.END}\nafter\n"
+    proof_table.replace_section(page, "seg", "segmentation")
+    assert page.read_text() == f"intro\n{b1}\nnewer\n{e1}\nmid\n{b2}\nseg\n{e2}\nafter\n"
+
+
+def test_each_task_reads_its_own_rows_and_score(tmp_path):
+    seg = [{**row(m, s, None, macs=0.5), "task": "segmentation", "test_miou": 0.6 + 0.01 * s + (0.03 if m == "kd" else 0)}
+           for m in ("kd", "plain") for s in range(5)]
+    cls = [row(m, s, 0.9) for m in ("kd", "plain") for s in range(5)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(cls + seg))
+    assert len(proof_table.load(path)) == 10 and len(proof_table.load(path, "segmentation")) == 10
+    text = proof_table.markdown(proof_table.load(path, "segmentation"), "segmentation")
+    assert text.startswith("Test mIoU") and "Δ test mIoU" in text and "| a | 50% | kd − plain |" in text
+    assert proof_table.paired(*(
+        {r["seed"]: r for r in proof_table.load(path, "segmentation") if r["method"] == m} for m in ("kd", "plain")
+    ))["mean"] == pytest.approx(3.0)
 
 
 def test_committed_rows_hold_what_reproduces_them():
