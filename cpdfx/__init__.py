@@ -16,12 +16,14 @@ from .importance import CRITERIA, Criterion
 from .losses import DistillLoss
 from .budget import BudgetError, Constraints, Target
 from .prune import prune
+from .quantize import QuantizeError, QuantizeResult, choose_method, quantize
 from .pruner import Pruner, slice_optimizer
 from .report import format_report
 from .version import __version__
 
 __all__ = ["__version__", "BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Target",
-           "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner", "bench",
+           "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner",
+           "QuantizeError", "QuantizeResult", "bench", "choose_method",
            "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
-           "load", "prune", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer",
+           "load", "prune", "quantize", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer",
            "split_off"]

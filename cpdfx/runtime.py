@@ -32,16 +32,22 @@ def channel_block(runtime: str = "cpu") -> int:
     return CUDA_BLOCK if check_runtime(runtime) == "cuda" else _cpu_block()
 
 
-@functools.cache
 def _cpu_block() -> int:
-    """This CPU's MLAS block, read from /proc/cpuinfo once per process (every
-    solve asks for it)."""
+    """This CPU's MLAS block, from its flags (see cpu_flags)."""
+    words = cpu_flags()
+    return 16 if "avx512f" in words else 8 if words & {"avx2", "avx"} else 4
+
+
+@functools.cache
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags (avx2, avx512f, avx512_vnni, ... on x86; the
+    Features of an ARM CPU), read from /proc/cpuinfo once per process (every
+    solve asks for the block); empty where there is no /proc/cpuinfo."""
     flags = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    words = set(flags.split())
-    return 16 if "avx512f" in words else 8 if words & {"avx2", "avx"} else 4
+            flags = next((line.split(":", 1)[-1] for line in f if line.startswith(("flags", "Features"))), "")
+    return frozenset(flags.split())
 
 
 def provider(runtime: str) -> str:

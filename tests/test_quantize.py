@@ -1,0 +1,147 @@
+"""INT8: cpdfx.quantize and choose_method, and the ONNX scoring."""
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnxruntime.quantization import quant_pre_process
+
+from cpdfx import data, evaluate, export_onnx
+from cpdfx.models import ResNetTiny, UNetTiny
+from cpdfx.onnxmodel import OnnxModel
+from cpdfx.quantize import Agreement, QuantizeError, best_method, choose_method, quantize
+
+
+@pytest.fixture(scope="module")
+def digits_net(tmp_path_factory, one_thread):
+    """A ResNetTiny for digits' 1x8x8 images, trained a little (so that int8
+    rounding can change its answers), exported; with labelled batches."""
+    from cpdfx.distill import distill
+    train, test = data.digits("train"), data.digits("test")
+    torch.manual_seed(0)
+    model = ResNetTiny(in_channels=1, widths=(8, 16, 32), blocks=(1, 1, 1))
+    distill(model, None, train, epochs=1, batch_size=32, lr=3e-3, progress=False)
+    model.eval()
+    folder = tmp_path_factory.mktemp("int8")
+    x = torch.stack([train[0][0], train[1][0]])
+    path = export_onnx(model, x, folder / "net.onnx")
+    labelled = lambda d, n: [(torch.stack([d[i][0] for i in range(j, j + 32)]),  # noqa: E731
+                              torch.tensor([d[i][1] for i in range(j, j + 32)])) for j in range(0, n, 32)]
+    return {"model": model, "x": x, "path": path, "folder": folder, "train": train, "test": test,
+            "calibration": labelled(train, 128), "validation": labelled(test, 256)}
+
+
+def ops(path):
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_quantize_writes_a_qdq_model_that_runs_at_another_batch(digits_net, tmp_path):
+    out = tmp_path / "net.int8.onnx"
+    result = quantize(digits_net["path"], out, [x for x, _ in digits_net["calibration"]])  # bare tensors
+    assert result.path == str(out) and out.is_file()
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops(out))
+    weights = [t for t in onnx.load(out).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    compute = sum(op in ("Conv", "Gemm") for op in ops(digits_net["path"]))
+    assert len(weights) >= compute == 10  # 9 convs' and the linear's weights stored in int8
+    assert result.int8_ops == compute and result.float_ops == 0  # all run in onnxruntime's int8 kernels
+    assert (result.method, result.activations, result.weights, result.per_channel) == ("minmax", "uint8", "int8", True)
+    assert result.checked_batch == 33 and result.calibration.images == 128
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((3, 1, 8, 8), np.float32)})[0].shape == (3, 10)
+    props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert json.loads(props["cpdfx.int8"])["method"] == "minmax" and "cpdfx.macs" in props  # the export's kept
+
+
+def test_reported_agreement_is_what_the_two_files_compute(digits_net, tmp_path):
+    out = tmp_path / "net.int8.onnx"
+    result = quantize(digits_net["path"], out, digits_net["calibration"], method="entropy")
+    fp32, int8 = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (digits_net["path"], out))
+    xs = [x.numpy() for x, _ in digits_net["calibration"]]
+    want = np.concatenate([fp32.run(None, {"x": x})[0] for x in xs])
+    have = np.concatenate([int8.run(None, {"x": x})[0] for x in xs])
+    a = result.calibration
+    assert a.max_abs_error == pytest.approx(np.abs(have - want).max(), rel=1e-5)
+    assert a.mean_abs_error == pytest.approx(np.abs(have - want).mean(), rel=1e-4)
+    assert a.argmax == pytest.approx((have.argmax(1) == want.argmax(1)).mean())
+    labels = torch.cat([y for _, y in digits_net["calibration"]]).numpy()
+    assert a.top1["int8"] == pytest.approx((have.argmax(1) == labels).mean())
+    assert 0 < a.mean_abs_error < 0.1 * a.mean_abs_output  # int8, not a broken model
+    assert result.within_tolerance == (a.argmax >= result.tolerance)
+
+
+def test_preprocessing_passes_where_symbolic_shape_inference_fails(digits_net, tmp_path, caplog):
+    """onnxruntime's default pre-process still fails on the dynamo exporter's
+    graphs; cpdfx's replacement runs, and the quantizer has nothing to warn of."""
+    with pytest.raises(AttributeError, match="HasField"):
+        quant_pre_process(digits_net["path"], str(tmp_path / "pre.onnx"))
+    with caplog.at_level(logging.WARNING):
+        result = quantize(digits_net["path"], tmp_path / "q.onnx", digits_net["calibration"])
+    assert not [r for r in caplog.records if "pre-process" in r.getMessage()]
+    assert not [n for n in result.notes if "pre-process" in n], result.notes
+    assert "without symbolic shape inference" in result.preprocess
+    assert "BatchNormalization" not in ops(tmp_path / "q.onnx")  # folded into the convs by the optimisation
+
+
+def test_choose_method_keeps_the_best_on_validation(digits_net, tmp_path):
+    result = choose_method(digits_net["path"], tmp_path / "q.onnx", digits_net["calibration"],
+                           digits_net["validation"])
+    assert set(result.methods) == {"minmax", "entropy", "percentile"}
+    assert result.method == best_method(result.methods)
+    assert all(a.images == 256 and a.top1 is not None for a in result.methods.values())
+    assert json.loads({p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}["cpdfx.int8"]
+                      )["method"] == result.method
+
+
+def test_best_method_ranks_labels_then_agreement_then_error():
+    def a(top1, agree, err):
+        return Agreement(10, agree, 1.0, err, 1.0, None if top1 is None else {"fp32": 0.9, "int8": top1})
+    assert best_method({"minmax": a(0.80, 0.99, 0.1), "entropy": a(0.82, 0.90, 0.3)}) == "entropy"
+    assert best_method({"minmax": a(0.80, 0.95, 0.1), "entropy": a(0.80, 0.97, 0.3)}) == "entropy"
+    assert best_method({"minmax": a(None, 0.97, 0.2), "percentile": a(None, 0.97, 0.1)}) == "percentile"
+    assert best_method({"minmax": a(None, 0.97, 0.1), "percentile": a(None, 0.97, 0.1)}) == "minmax"
+
+
+def test_segmentation_reports_pixel_agreement(tmp_path, one_thread):
+    torch.manual_seed(0)
+    model = UNetTiny(num_classes=3, in_channels=3).eval()
+    path = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "unet.onnx")
+    result = quantize(path, tmp_path / "unet.int8.onnx", [torch.randn(4, 3, 16, 16) for _ in range(3)],
+                      task="segmentation")
+    assert result.calibration.images == 12 and result.calibration.top1 is None
+    assert 0 < result.calibration.argmax <= 1 and result.tolerance == 0.95
+
+
+def test_onnx_model_scores_as_the_torch_model_does(digits_net):
+    want = evaluate(digits_net["model"], digits_net["test"])
+    assert evaluate(OnnxModel(digits_net["path"]), digits_net["test"]) == pytest.approx(want)
+
+
+# -- bad input: one error, nothing written ----------------------------------------------------
+
+def test_bad_input_raises_and_writes_nothing(digits_net, tmp_path):
+    out = tmp_path / "q.onnx"
+    (tmp_path / "notes.onnx").write_text("not a model")
+    with pytest.raises(QuantizeError, match="not an ONNX model"):
+        quantize(tmp_path / "notes.onnx", out, digits_net["calibration"])
+    with pytest.raises(QuantizeError, match=r"has shape \(4, 1, 16, 16\), and the model takes \(batch, 1, 8, 8\)"):
+        quantize(digits_net["path"], out, [torch.randn(4, 1, 16, 16)])
+    with pytest.raises(QuantizeError, match="no int8 kernels"):
+        quantize(digits_net["path"], out, digits_net["calibration"], runtime="cuda")
+    with pytest.raises(QuantizeError, match="empty"):
+        quantize(digits_net["path"], out, [])
+    assert list(tmp_path.iterdir()) == [tmp_path / "notes.onnx"]
+
+
+class ElementWise(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x) + x * 2
+
+
+def test_a_model_without_int8_work_is_refused(tmp_path):
+    path = export_onnx(ElementWise(), torch.randn(2, 4), tmp_path / "ew.onnx")
+    with pytest.raises(QuantizeError, match="none of its convolutions or matrix products"):
+        quantize(path, tmp_path / "ew.int8.onnx", [torch.randn(8, 4)])
+    assert not (tmp_path / "ew.int8.onnx").exists()
