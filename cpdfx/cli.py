@@ -1,4 +1,4 @@
-"""The `cpdfx` command: compress, prune, distill, export, bench, inspect, demo.
+"""The `cpdfx` command: compress, prune, distill, export, quantize, bench, inspect, demo.
 
 Every subcommand reads models and data the same way (see `load_model` and
 `cpdfx.data.resolve_data`), shows progress bars on long work, and turns the
@@ -32,12 +32,13 @@ from .compress import REPORT_FILE, compress
 from .data import VAL_SHARE, DataError, Part, resolve_data
 from .distill import distill, evaluate
 from .export import ExportError, LoadError, export_onnx, load, save
-from .files import write_json
+from .files import atomic_path, write_json
 from .importance import resolve as criterion
 from .models import MODELS
 from .passes import comb
-from .pipeline import run_demo, ship
+from .pipeline import INT8_FILE, Int8, quantize_plan, run_demo, ship
 from .prune import prune
+from .quantize import METHODS, QuantizeError, check_int8_runtime, read_model
 from .ranks import is_main
 from .report import REPORT, format_report
 from .runtime import PROVIDERS
@@ -300,6 +301,36 @@ def check_writable(path, folder: bool, flag: str = "--out") -> None:
         raise UsageError(f"cannot write {path}: {err.strerror or err} in {parent}") from None
 
 
+def batches(data, count: int, batch_size: int, labels: bool = True, shuffle: bool = True) -> list:
+    """The first `count` batches of data, as (images, labels) or (images,)
+    tuples: shuffled with seed 0 (the same images in every run), or in order."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
+                                         generator=torch.Generator().manual_seed(0))
+    return [tuple(b) if labels else (b[0],) for _, b in zip(range(count), loader)]
+
+
+CALIBRATION_BATCH = 32  # images per int8 calibration batch
+VAL_IMAGES = 2000  # at most this many validation images compare the int8 calibration methods
+
+
+def int8_data(args, train=None) -> Int8:
+    """What --int8 (and `cpdfx quantize`) calibrate on: --calibration-batches
+    batches of the training split, not augmented; and, unless --method names
+    one, up to VAL_IMAGES images of the val split to choose the method on."""
+    train = load_data(args, "train", augment=False) if train is None else train
+    calibration = batches(train, args.calibration_batches, CALIBRATION_BATCH)
+    if args.method:
+        return Int8(calibration, method=args.method)
+    val = load_data(args, "val", augment=False)
+    return Int8(calibration, batches(val, -(-VAL_IMAGES // CALIBRATION_BATCH), CALIBRATION_BATCH, shuffle=False))
+
+
+def int8_path(onnx_path) -> Path:
+    """X.int8.onnx beside X.onnx."""
+    path = Path(onnx_path)
+    return path.with_name(path.stem + ".int8.onnx")
+
+
 def write_report(report: dict, path: Path) -> None:
     print(format_report(report))
     write_json(path, report)
@@ -371,11 +402,7 @@ def cmd_prune(args) -> None:
         print(f"cpdfx prune: warning: --importance {args.importance} scores the channels on the gradients of "
               f"one random example input of {tuple(x.shape)}, not on images; give --data to score on batches "
               f"of your data (the batch norms are re-estimated on them too)", file=sys.stderr)
-    calibration = None
-    if data is not None:
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
-                                             generator=torch.Generator().manual_seed(0))
-        calibration = [tuple(b) if args.labels else (b[0],) for _, b in zip(range(args.calibration_batches), loader)]
+    calibration = batches(data, args.calibration_batches, args.batch_size, args.labels) if data is not None else None
     slim = prune(model, x, **shares, importance=args.importance, calibration=calibration,
                  steps=args.steps, reestimate_bn=args.reestimate_bn, round_to=args.round_to, runtime=args.runtime,
                  min_keep=count_or_share(args.min_keep), ignore=tuple(args.ignore or ()),
@@ -437,9 +464,32 @@ def check_runs(model, x, what: str) -> None:
 
 
 def cmd_export(args) -> None:
-    model, x = model_and_input(args, weights=args.weights)
-    path = export_onnx(model, x, args.out, opset=args.opset)
-    print(f"exported to {path} (checked against onnxruntime)")
+    if args.int8 and not args.data:
+        raise UsageError("--int8 calibrates the int8 model on images: give --data (the training split's images "
+                         "calibrate it, the val split's choose the calibration method)")
+    data = load_data(args, "train", augment=False) if args.data else None
+    model, x = model_and_input(args, data, weights=args.weights)
+    if not args.int8:
+        path = export_onnx(model, x, args.out, opset=args.opset)
+        print(f"exported to {path} (checked against onnxruntime)")
+        return
+    out, plan = Path(args.out), int8_data(args, data)
+    check_writable(int8_path(out), FILE)
+    with atomic_path(out) as fp32:  # the fp32 file lands only when its int8 model has been written
+        export_onnx(model, x, fp32, opset=args.opset)
+        try:
+            quantize_plan(fp32, int8_path(out), plan, args.task)
+        except QuantizeError as err:  # named as the file asked for, not the temporary one
+            raise QuantizeError(str(err).replace(str(fp32), str(out))) from None
+    print(f"exported to {out} (checked against onnxruntime)")
+
+
+def cmd_quantize(args) -> None:
+    out = Path(args.out) if args.out else int8_path(args.onnx)
+    check_writable(out, FILE)
+    check_int8_runtime(args.runtime)
+    read_model(args.onnx)  # a missing or foreign file is refused before the data is read
+    quantize_plan(args.onnx, out, int8_data(args), args.task, args.runtime)
 
 
 def cmd_bench(args) -> None:
@@ -496,6 +546,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def cmd_compress(args) -> None:
     Target(**budget(args))  # a missing or bad budget is refused before a teacher is checked or trained
+    if args.int8:
+        check_int8_runtime(args.runtime)
     train, val, test = load_data(args, "train"), load_data(args, "val"), load_data(args, "test")
     x = example_input(args, train)
     model = load_model(args.model, args.task, x, train, args.weights).eval()
@@ -509,9 +561,12 @@ def cmd_compress(args) -> None:
                       resume=args.resume, batch_size=args.batch_size, lr=args.lr, test_data=test)
     if is_main():  # under torchrun every rank holds the same slim model; one exports, times and reports it
         metric, tested = "top1" if args.task == "classification" else "miou", result.report["test"]
+        final = ("the scores in the table (all three scored in onnxruntime: report.json's \"int8\")" if args.int8
+                 else "the scores in the table (report.json's \"test\")")
         ship(model, result.model, x, test, args.task, out, title=f"cpdfx compress {args.model}",
-             training=[*training, split_note(args, val, test, "the scores in the table (report.json's \"test\")")],
-             scores={"original": tested["teacher"][metric], "slim": tested["student"][metric]})
+             training=[*training, split_note(args, val, test, final)],
+             scores={"original": tested["teacher"][metric], "slim": tested["student"][metric]},
+             int8=int8_data(args) if args.int8 else None)
 
 
 def cmd_demo(args) -> None:
@@ -584,6 +639,19 @@ def _budget_args(p):
     p.add_argument("--ignore", nargs="*", help="layer names whose channels are all kept")
 
 
+def _int8_args(p, flag: bool = True) -> None:
+    """The int8 options: --int8 where it is a choice, the calibration method, the calibration batches."""
+    if flag:
+        p.add_argument("--int8", action="store_true",
+                       help=f"also write the model quantized to int8 for onnxruntime on the CPU ({INT8_FILE} beside "
+                            f"slim.onnx; X.int8.onnx beside X.onnx), calibrated on --data's training images")
+    p.add_argument("--method", choices=tuple(METHODS),
+                   help="the int8 calibration method (default: each tried, and the one with the best top-1, or "
+                        "agreement with the fp32 model, on the val split kept)")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help=f"int8 calibration batches of {CALIBRATION_BATCH} training images (default 8)")
+
+
 def _training_args(p, out: str) -> None:
     """What every command that distils takes: the schedule, labels, the output folder, resuming."""
     p.add_argument("--epochs", type=int, default=5, help="distillation epochs (default 5)")
@@ -624,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-steps", type=int, default=5, help="pruning steps in the first half (default 5)")
     p.add_argument("--prune-share", type=float, default=0.5,
                    help="the share of the training steps the pruning steps are spread over (default 0.5)")
+    _int8_args(p)
     p.set_defaults(run=cmd_compress, outputs={"out": FOLDER})
 
     p = sub.add_parser("prune", help="one-shot prune to a budget and save the slim model",
@@ -667,7 +736,28 @@ def build_parser() -> argparse.ArgumentParser:
                                          "or an hf: model knows)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch's exporter writes)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
+    _data_args(p)
+    p.add_argument("--val-share", type=_val_share, default=VAL_SHARE,
+                   help=f"the share of --data's training split held out as the val split --int8 chooses its "
+                        f"method on (default {VAL_SHARE:g})")
+    _int8_args(p)
     p.set_defaults(run=cmd_export, outputs={"out": FILE})
+
+    p = sub.add_parser("quantize", help="quantize an ONNX model to int8 for the CPU, checked",
+                       description="Quantize an ONNX model to int8 (onnxruntime static quantization, QDQ, int8 "
+                                   "weights per channel, uint8 activations), calibrated on batches of --data's "
+                                   "training split, the calibration method chosen on its val split; the int8 file is "
+                                   "checked in onnxruntime and its agreement with the fp32 model printed.")
+    p.add_argument("onnx", help="the fp32 ONNX model (from cpdfx export or compress)")
+    p.add_argument("--task", choices=TASKS, default="classification", help="default classification")
+    _data_args(p, required=True)
+    p.add_argument("--val-share", type=_val_share, default=VAL_SHARE,
+                   help=f"the share of the training split held out as the val split (default {VAL_SHARE:g})")
+    _int8_args(p, flag=False)
+    p.add_argument("--runtime", choices=tuple(PROVIDERS), default="cpu",
+                   help="where the int8 model will run; only cpu has int8 kernels in onnxruntime")
+    p.add_argument("--out", help="the int8 .onnx file to write (default X.int8.onnx beside X.onnx)")
+    p.set_defaults(run=cmd_quantize, outputs={"out": FILE})
 
     p = sub.add_parser("bench", help="time ONNX models side by side in onnxruntime",
                        description="Time ONNX models in onnxruntime (CPU, and CUDA when present) in "
@@ -706,8 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (UsageError, CaptureError, BudgetError, DataError, ExportError, LoadError, ValueError,
-               OSError)  # OSError: a file that cannot be read or written (missing, read-only, disk full)
+USER_ERRORS = (UsageError, CaptureError, BudgetError, DataError, ExportError, LoadError, QuantizeError,
+               ValueError, OSError)  # OSError: a file that cannot be read or written (missing, read-only, disk full)
 
 # The Python API's argument names as the library's errors write them, and the flags that
 # set them: the CLI tells those errors in its own terms (see in_flags).

@@ -1,6 +1,7 @@
 """The whole job, as `cpdfx compress` and `cpdfx demo` run it: compress (prune
-while distilling), export the original and the slim model to ONNX, time both
-in onnxruntime, and write the report, the models and a plot into one folder.
+while distilling), export the original and the slim model to ONNX (and, asked,
+the slim model in int8), time them in onnxruntime, and write the report, the
+models and a plot into one folder.
 """
 from __future__ import annotations
 
@@ -19,39 +20,109 @@ from .data import FASHION_ENV, DataError, fashion_root, resolve_data
 from .distill import distill, evaluate
 from .export import export_onnx, save
 from .files import atomic_path, cache_dir, write_json, write_text
+from .onnxmodel import OnnxModel
+from .quantize import choose_method, quantize
 from .runtime import channel_block
+from .teacher import METRIC_NAMES
 from .models import ResNetTiny
 from .report import REPORT, format_report, per_image
 from .version import __version__
 
 
+INT8 = "slim int8"  # the int8 model's name in the bench, the scores and the report
+INT8_FILE = "slim.int8.onnx"
+MAX_INT8_DROP = 1.0  # points of the metric the int8 model may lose against the slim fp32 one and still ship
+
+
+@dataclass(frozen=True)
+class Int8:
+    """What `ship` quantizes the slim model on: calibration batches (of the
+    training images), and validation batches to choose the calibration method
+    on (see quantize.choose_method), or a method."""
+    calibration: list
+    validation: list | None = None
+    method: str | None = None
+
+
 def ship(teacher, slim, x, val, task: str, out: Path, *, title: str, repeats: int = 30,
-         batch_sizes=(1, 8), threads: int | None = None, training=(), scores=None) -> dict:
+         batch_sizes=(1, 8), threads: int | None = None, training=(), scores=None, int8: Int8 | None = None) -> dict:
     """Save, export, time and report the original and the slim model in out/.
     training: lines that state how each model was trained, for the report.
     scores: {"original": s, "slim": s} in the task's metric where they were
-    measured already (cpdfx compress's test scores); else measured on val."""
+    measured already (cpdfx compress's test scores); else measured on val.
+    int8: also quantize the slim model to out/slim.int8.onnx; then the three
+    models are timed side by side and all three scored on val in onnxruntime
+    (`scores` unused), and report.json's "int8" says whether int8 pays here."""
     out.mkdir(parents=True, exist_ok=True)
     save(slim, out / "slim.pt2")
     paths = {"original": export_onnx(teacher, x, out / "original.onnx"),
              "slim": export_onnx(slim, x, out / "slim.onnx")}
+    quantized = None
+    if int8 is not None:  # before the timing: a model onnxruntime cannot quantize is said at once
+        quantized = quantize_plan(paths["slim"], out / INT8_FILE, int8, task, threads=threads)
+        paths[INT8] = quantized.path
     timing = bench(paths, tuple(x.shape[1:]), batch_sizes=batch_sizes, repeats=repeats, threads=threads)
     timing.to_json(out / "bench.json")
     metric = "top1" if task == "classification" else "miou"
+    if quantized is not None:
+        scores = {name: evaluate(OnnxModel(path, threads), val, task=task)[metric] for name, path in paths.items()}
     scores = scores or {"original": evaluate(teacher, val, task=task)[metric],
                         "slim": evaluate(slim, val, task=task)[metric]}
     costs = {"original": per_image(teacher, x), "slim": per_image(slim, x)}  # as the pruning report counts
+    if quantized is not None:
+        costs[INT8] = costs["slim"]  # the same graph, in int8
     timing.plot(out / "latency.png", macs={k: c.macs for k, c in costs.items()}, accuracy=scores, metric=metric)
     summary = {"metric": metric, "scores": scores, "macs": {k: c.macs for k, c in costs.items()},
                "params": {k: c.params for k, c in costs.items()}, "bench": timing.rows,
                "machine": timing.machine, "training": list(training)}
+    report = dict(slim.meta.get(REPORT, {}))
+    if quantized is not None:
+        summary["int8"] = report["int8"] = int8_summary(quantized, timing.rows, scores, metric, len(val))
     write_json(out / "summary.json", summary)
-    report = slim.meta.get(REPORT, {})
     write_json(out / "report.json", report)
     text = _markdown(title, summary, timing, report)
     write_text(out / "report.md", text)
     print("\n" + text)
     return summary
+
+
+def quantize_plan(onnx_in, onnx_out, plan: Int8, task: str, runtime: str = "cpu", threads: int | None = None):
+    """quantize with plan's method, or choose_method on its validation batches;
+    prints what it wrote and how close it is. Returns the QuantizeResult."""
+    options = dict(task=task, runtime=runtime, threads=threads)
+    result = (quantize(onnx_in, onnx_out, plan.calibration, method=plan.method, **options) if plan.method else
+              choose_method(onnx_in, onnx_out, plan.calibration, plan.validation, **options))
+    print("\n".join(result.lines()))
+    return result
+
+
+def int8_summary(quantized, rows, scores: dict, metric: str, images: int) -> dict:
+    """report.json's "int8": the file and how it was made, the three models'
+    scores in onnxruntime, the speed-ups of the slim fp32 and int8 models over
+    the original and of int8 over slim fp32 at each batch, and the verdict:
+    ship the int8 model where it is faster than the slim fp32 model at every
+    batch timed and loses at most MAX_INT8_DROP points, else the slim fp32 one."""
+    speedup = {name: {r["batch"]: r["speedup"] for r in rows if r["model"] == name and r["device"] == "cpu"}
+               for name in ("slim", INT8)}
+    over_fp32 = {b: speedup[INT8][b] / speedup["slim"][b] for b in speedup[INT8]}
+    drop = (scores["slim"] - scores[INT8]) * 100
+    faster = all(v > 1 for v in over_fp32.values())
+    ship_int8 = faster and drop <= MAX_INT8_DROP
+    times = ", ".join(f"x{v:.2f} at batch {b}" for b, v in over_fp32.items())
+    change = f"{METRIC_NAMES.get(metric, metric)} {-drop:+.2f} points against the slim fp32 model"
+    if ship_int8:
+        verdict = f"int8 pays on this machine ({times} against the slim fp32 model; {change}): ship {INT8_FILE}."
+    elif faster:
+        verdict = (f"int8 is faster on this machine ({times} against the slim fp32 model) but loses more than "
+                   f"{MAX_INT8_DROP:g} point ({change}): ship slim.onnx; {INT8_FILE} is written anyway.")
+    else:
+        verdict = (f"int8 is not faster than the slim fp32 model at every batch on this machine ({times}; "
+                   f"{change}): ship slim.onnx; {INT8_FILE} is written anyway.")
+    return {"file": INT8_FILE, "method": quantized.method, "quantize": quantized.as_dict(),
+            "scores_onnxruntime": {"images": images, **scores},
+            "speedup": {name: speedup[name] for name in ("slim", INT8)}, "int8_over_slim": over_fp32,
+            "faster_than_slim": faster, "points_lost": drop, "ship": INT8_FILE if ship_int8 else "slim.onnx",
+            "verdict": verdict}
 
 
 def _markdown(title, summary, timing, report) -> str:
@@ -61,7 +132,7 @@ def _markdown(title, summary, timing, report) -> str:
              f"| model | {metric} | MACs / image | params | " +
              " | ".join(f"batch {b} ms (CPU) | speed-up" for b in batches) + " |",
              "|---|---:|---:|---:|" + "---:|---:|" * len(batches)]
-    for name in ("original", "slim"):
+    for name in scores:
         cells = []
         for b in batches:
             r = next(r for r in timing.rows if r["model"] == name and r["batch"] == b and r["device"] == "cpu")
@@ -75,6 +146,11 @@ def _markdown(title, summary, timing, report) -> str:
               "ratio of the two medians.",
               "", f"{metric}: {change:+.2f} points for the slim model at "
               f"{summary['macs']['slim'] / summary['macs']['original']:.1%} of the MACs per image.", ""]
+    if "int8" in summary:
+        q = summary["int8"]
+        lines += [f"{q['verdict']} All three models are scored in onnxruntime on "
+                  f"{q['scores_onnxruntime']['images']:,} images; the int8 model is calibrated by "
+                  f"{q['method']} ({', '.join(q['quantize']['methods']) or 'as asked'} compared on validation).", ""]
     if summary["training"]:
         lines += ["## Training budgets", ""] + [f"- {line}" for line in summary["training"]] + [""]
     lines += [f"onnxruntime {m['onnxruntime']} on {m['cpu']} ({m['cores']} cores, "

@@ -1,4 +1,5 @@
-"""INT8: cpdfx.quantize and choose_method, and the ONNX scoring."""
+"""INT8: cpdfx.quantize and choose_method, the ONNX scoring, ship's int8 report,
+and the CLI's quantize, export --int8 and compress --int8 on good and bad input."""
 import json
 import logging
 
@@ -9,9 +10,13 @@ import pytest
 import torch
 from onnxruntime.quantization import quant_pre_process
 
-from cpdfx import data, evaluate, export_onnx
+from test_cli import run
+from test_cli_bad_input import assert_refused
+
+from cpdfx import data, evaluate, export_onnx, prune
 from cpdfx.models import ResNetTiny, UNetTiny
 from cpdfx.onnxmodel import OnnxModel
+from cpdfx.pipeline import INT8, Int8, int8_summary, ship
 from cpdfx.quantize import Agreement, QuantizeError, best_method, choose_method, quantize
 
 
@@ -145,3 +150,86 @@ def test_a_model_without_int8_work_is_refused(tmp_path):
     with pytest.raises(QuantizeError, match="none of its convolutions or matrix products"):
         quantize(path, tmp_path / "ew.int8.onnx", [torch.randn(8, 4)])
     assert not (tmp_path / "ew.int8.onnx").exists()
+
+
+# -- ship: the three models side by side -----------------------------------------------------
+
+def test_ship_times_and_scores_the_int8_model_beside_the_fp32_ones(digits_net, tmp_path):
+    model, x = digits_net["model"], digits_net["x"]
+    slim = prune(model, x, macs=0.5, steps=1)
+    summary = ship(model, slim, x, digits_net["test"], "classification", tmp_path, title="t", repeats=3,
+                   threads=1, int8=Int8([b for b, _ in digits_net["calibration"]], method="minmax"))
+    assert (tmp_path / "slim.int8.onnx").is_file()
+    report = json.loads((tmp_path / "report.json").read_text())["int8"]
+    assert set(report["scores_onnxruntime"]) == {"images", "original", "slim", INT8}
+    assert report["scores_onnxruntime"]["slim"] == pytest.approx(evaluate(slim, digits_net["test"])["top1"])
+    assert set(report["speedup"][INT8]) == {"1", "8"} and report["ship"] in ("slim.onnx", "slim.int8.onnx")
+    assert {(r["model"], r["batch"]) for r in summary["bench"]} == {(m, b) for m in ("original", "slim", INT8)
+                                                                    for b in (1, 8)}
+    assert f"| {INT8} |" in (tmp_path / "report.md").read_text()
+    assert report["verdict"] in (tmp_path / "report.md").read_text()
+
+
+def rows(slim, int8):
+    return [{"model": m, "batch": b, "device": "cpu", "speedup": s}
+            for b in (1, 8) for m, s in (("original", 1.0), ("slim", slim[b]), (INT8, int8[b]))]
+
+
+@pytest.fixture
+def quantized(digits_net, tmp_path):
+    return quantize(digits_net["path"], tmp_path / "q.onnx", digits_net["calibration"])
+
+
+@pytest.mark.parametrize("slim, int8, scores, ship_name, words", [
+    ({1: 1.5, 8: 2.0}, {1: 2.0, 8: 3.0}, (0.90, 0.895), "slim.int8.onnx", "int8 pays on this machine"),
+    ({1: 1.5, 8: 2.0}, {1: 1.4, 8: 1.9}, (0.90, 0.90), "slim.onnx", "is written anyway"),
+    ({1: 1.5, 8: 2.0}, {1: 2.0, 8: 3.0}, (0.90, 0.88), "slim.onnx", "loses more than 1 point"),
+])
+def test_int8_verdict(quantized, slim, int8, scores, ship_name, words):
+    summary = int8_summary(quantized, rows(slim, int8), {"original": 0.9, "slim": scores[0], INT8: scores[1]},
+                           "top1", 100)
+    assert summary["ship"] == ship_name and words in summary["verdict"]
+    assert summary["int8_over_slim"][8] == pytest.approx(int8[8] / slim[8])
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def test_cli_quantize_chooses_a_method_and_prints_the_agreement(digits_net, tmp_path):
+    out = tmp_path / "net.int8.onnx"
+    result = run("quantize", digits_net["path"], "--data", "digits", "--calibration-batches", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "<- chosen" in result.stdout and "arg-max agrees" in result.stdout
+
+
+def test_cli_export_int8_writes_both_files(tmp_path):
+    out = tmp_path / "net.onnx"
+    result = run("export", "cli_models:small_digits_net", "--data", "digits", "--int8", "--method", "minmax",
+                 "--calibration-batches", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and (tmp_path / "net.int8.onnx").is_file()
+
+
+@pytest.fixture(scope="module")
+def wide_net(tmp_path_factory):
+    """A model exported for 1x16x16 inputs: digits' 8x8 images do not fit it."""
+    return export_onnx(ResNetTiny(in_channels=1), torch.randn(2, 1, 16, 16),
+                       tmp_path_factory.mktemp("wide") / "wide.onnx")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["quantize", "{text}", "--data", "digits"], "not an ONNX model"),
+    (["quantize", "{16x16}", "--data", "digits"], "does not fit"),
+    (["quantize", "{8x8}", "--data", "digits", "--runtime", "cuda"], "no int8 kernels"),
+    (["export", "resnet", "--input-shape", "2,3,16,16", "--int8"], "give --data"),
+    (["export", "cli_models:small_digits_net", "--input-shape", "2,1,16,16", "--data", "digits", "--int8"],
+     "does not fit"),
+    (["compress", "resnet", "--data", "digits", "--macs", "0.5", "--int8", "--runtime", "cuda"], "--runtime cuda"),
+])
+def test_cli_bad_int8_input_is_one_paragraph_and_writes_nothing(args, words, digits_net, wide_net, tmp_path):
+    (tmp_path / "notes.onnx").write_text("not a model")
+    before = sorted(tmp_path.iterdir())
+    files = {"{16x16}": wide_net, "{8x8}": digits_net["path"], "{text}": tmp_path / "notes.onnx"}
+    out = tmp_path / ("out" if args[0] == "compress" else "out.onnx")
+    result = run(*[files.get(a, a) for a in args], "--out", out)
+    assert_refused(result, words)
+    assert sorted(tmp_path.iterdir()) == before  # no model, no int8 model, no folder
