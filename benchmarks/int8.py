@@ -1,0 +1,203 @@
+"""Do pruning and int8 stack on a CPU? Original fp32, original int8, slim fp32
+and slim int8 of two models, timed side by side in one interleaved run per
+model at batch 1 and 8, and scored in onnxruntime where the model is trained.
+
+    python benchmarks/int8.py                    # the rows in benchmarks/results/int8.json
+    python benchmarks/int8.py --fashion-size 96  # the Fashion-MNIST model on 96x96 images
+    python benchmarks/int8.py --quick            # tiny inputs, to try the script (results to a temporary file)
+
+Models:
+- resnet50: transformers ResNet-50 at 224x224 with random weights (speed only;
+  the int8 models are calibrated on random normal images). slim: cpdfx.prune
+  macs=0.5, l2.
+- fashion: cpdfx.models.ResNetTiny, widths 32/64/128, trained on the labels
+  of Fashion-MNIST's training split (--teacher-epochs, cached), at 28x28 or
+  --fashion-size. slim: cpdfx.compress macs=0.5 with KD from it
+  (--slim-epochs). Every model is scored in onnxruntime on the 10k test images.
+The int8 models: cpdfx.choose_method (MinMax, Entropy, Percentile; the best
+on validation kept), calibrated on 8 batches of 32 training images. int8
+speed depends on the CPU's vector instructions (VNNI above all), so its flags
+are in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+import cpdfx
+from cpdfx import zoo
+from cpdfx.cli import batches
+from cpdfx.data import resolve_data
+from cpdfx.distill import distill, evaluate
+from cpdfx.files import cache_dir, write_json
+from cpdfx.models import ResNetTiny
+from cpdfx.onnxmodel import OnnxModel
+from cpdfx.runtime import cpu_flags
+
+RESULTS = Path(__file__).parent / "results" / "int8.json"
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+VARIANTS = ("original fp32", "original int8", "slim fp32", "slim int8")
+CALIBRATION = (8, 32)  # batches, images per batch
+
+
+class Resized(Dataset):
+    """Images bilinearly resized to size x size."""
+
+    def __init__(self, data, size: int):
+        self.data, self.size = data, size
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        return F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0], y
+
+
+def int8_pair(fp32: dict, folder: Path, calibration, validation) -> dict:
+    """The two int8 files of the original and the slim fp32 files; their QuantizeResults."""
+    out = {}
+    for name in ("original", "slim"):
+        result = cpdfx.choose_method(fp32[f"{name} fp32"], folder / f"{name}.int8.onnx", calibration, validation)
+        print("\n".join(result.lines()), flush=True)
+        out[f"{name} int8"] = result
+    return out
+
+
+def resnet50(args, folder: Path) -> dict:
+    torch.manual_seed(0)
+    size = 32 if args.quick else 224
+    model = zoo.build("resnet", num_labels=1000, image_size=size, small=args.quick).eval()
+    x = torch.randn(2, 3, size, size)
+    slim = cpdfx.prune(model, x, macs=0.5)
+    paths = {"original fp32": cpdfx.export_onnx(model, x, folder / "original.onnx"),
+             "slim fp32": cpdfx.export_onnx(slim, x, folder / "slim.onnx")}
+    images = [(torch.randn(CALIBRATION[1], 3, size, size),) for _ in range(2 if args.quick else CALIBRATION[0])]
+    quantized = int8_pair(paths, folder, images, [(torch.randn(CALIBRATION[1], 3, size, size),)])
+    return {"model": f"transformers ResNet-50, {size}x{size}, random weights", "paths": paths, "quantized": quantized,
+            "shape": (3, size, size), "macs": {"original": cpdfx.cost(model, x).macs, "slim": cpdfx.cost(slim, x).macs},
+            "scores": None, "slim": "cpdfx.prune(macs=0.5), l2"}
+
+
+def fashion(args, folder: Path) -> dict:
+    size = args.fashion_size
+    data = {split: resolve_data("fashion-mnist", split=split, normalize=True, augment=False)
+            for split in ("train", "val", "test")}
+    if size != 28:
+        data = {k: Resized(v, size) for k, v in data.items()}
+    if args.quick:
+        data = {k: Subset(v, range(n)) for (k, v), n in zip(data.items(), (1000, 200, 300))}
+    widths = (8, 16, 32) if args.quick else (32, 64, 128)
+    teacher_epochs, slim_epochs = (1, 1) if args.quick else (args.teacher_epochs, args.slim_epochs)
+    torch.manual_seed(0)
+    teacher = ResNetTiny(num_classes=10, in_channels=1, widths=widths)
+    cached = cache_dir() / "int8" / f"fashion-w{'-'.join(map(str, widths))}-s{size}-e{args.teacher_epochs}.pt"
+    if cached.is_file() and not args.quick:
+        teacher.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
+    else:
+        distill(teacher, None, data["train"], data["val"], epochs=teacher_epochs,
+                batch_size=64, lr=3e-3, seed=0, progress=not args.quick)
+        if not args.quick:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(teacher.state_dict(), cached)
+    teacher.eval()
+    x = torch.stack([data["train"][0][0], data["train"][1][0]])
+    result = cpdfx.compress(teacher, x, data["train"], data["val"], macs=0.5, epochs=slim_epochs,
+                            batch_size=64, lr=3e-3, progress=not args.quick)
+    paths = {"original fp32": cpdfx.export_onnx(teacher, x, folder / "original.onnx"),
+             "slim fp32": cpdfx.export_onnx(result.model, x, folder / "slim.onnx")}
+    validation = batches(data["val"], 2 if args.quick else 32, CALIBRATION[1], shuffle=False)
+    quantized = int8_pair(paths, folder, batches(data["train"], CALIBRATION[0], CALIBRATION[1]), validation)
+    paths.update({name: q.path for name, q in quantized.items()})
+    scores = {name: evaluate(OnnxModel(path), data["test"], batch_size=256)["top1"] for name, path in paths.items()}
+    return {"model": f"ResNetTiny {'-'.join(map(str, widths))}, Fashion-MNIST {size}x{size}, trained "
+                     f"{teacher_epochs} epoch(s)", "paths": paths, "quantized": quantized, "shape": (1, size, size),
+            "macs": {"original": cpdfx.cost(teacher, x).macs, "slim": cpdfx.cost(result.model, x).macs},
+            "scores": scores, "test_images": len(data["test"]),
+            "slim": f"cpdfx.compress(macs=0.5) with KD, {slim_epochs} epoch(s)"}
+
+
+def rows_of(name: str, run: dict, timing) -> list:
+    """One row per variant and batch, from one interleaved timing of the four files."""
+    out = []
+    for r in timing.rows:
+        q = run["quantized"].get(r["model"])
+        out.append({"model": name, "description": run["model"], "variant": r["model"], "batch": r["batch"],
+                    "median_ms": r["median_ms"], "p90_ms": r["p90_ms"], "speedup": r["speedup"],
+                    "repeats": r["repeats"], "macs": run["macs"][r["model"].split()[0]],
+                    "top1": run["scores"][r["model"]] if run["scores"] else None,
+                    "test_images": run.get("test_images"), "slim": run["slim"],
+                    "int8": None if q is None else {"method": q.method, "reduce_range": q.reduce_range,
+                                                   "int8_ops": q.int8_ops, "float_ops": q.float_ops,
+                                                   "agreement": q.calibration.argmax,
+                                                   "methods": {m: a.top1 or a.argmax for m, a in q.methods.items()}}})
+    return out
+
+
+def verdict(rows: list) -> str:
+    """Whether slim int8 beats slim fp32 at batch 8, in one line."""
+    at = {r["variant"]: r for r in rows if r["batch"] == max(x["batch"] for x in rows)}
+    ratio = at["slim int8"]["speedup"] / at["slim fp32"]["speedup"]
+    return (f"{rows[0]['model']}: slim int8 x{at['slim int8']['speedup']:.2f} of the fp32 original at batch "
+            f"{at['slim int8']['batch']}, x{ratio:.2f} of the slim fp32 model: int8 "
+            + ("pays here" if ratio > 1 else "does not pay here"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny inputs and models, to try the script")
+    parser.add_argument("--models", default="resnet50,fashion", help="which models (default both)")
+    parser.add_argument("--fashion-size", type=int, default=28, help="Fashion-MNIST image size (default 28)")
+    parser.add_argument("--teacher-epochs", type=int, default=4)
+    parser.add_argument("--slim-epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default its own)")
+    parser.add_argument("--out", default=None, help=f"the JSON to write (default {RESULTS}; with --quick a "
+                                                    f"temporary file)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.quick:
+        torch.set_num_threads(1)
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="cpdfx-int8-")) / "int8.json" if args.quick
+                                           else RESULTS)
+    flags = sorted(f for f in FLAGS if f in cpu_flags())
+    print(f"CPU flags: {', '.join(flags) or 'none of ' + ', '.join(FLAGS)}", flush=True)
+    rows, machine = [], None
+    for name in args.models.split(","):
+        folder = Path(tempfile.mkdtemp(prefix=f"cpdfx-int8-{name}-"))
+        start = time.perf_counter()
+        run = {"resnet50": resnet50, "fashion": fashion}[name](args, folder)
+        paths = {v: run["paths"].get(v) or run["quantized"][v].path for v in VARIANTS}
+        timing = cpdfx.bench(paths, run["shape"], batch_sizes=(1, 8), threads=args.threads,
+                             repeats=3 if args.quick else args.repeats, min_seconds=0 if args.quick else 1.0,
+                             progress=False)
+        machine = timing.machine
+        model_rows = rows_of(name, run, timing)
+        rows += model_rows
+        print(f"\n{run['model']} ({time.perf_counter() - start:.0f} s; files in {folder})")
+        print("| variant | batch | median ms | speed-up | top-1 |\n|---|---:|---:|---:|---:|")
+        for r in model_rows:
+            top1 = f"{r['top1']:.2%}" if r["top1"] is not None else "-"
+            print(f"| {r['variant']} | {r['batch']} | {r['median_ms']:.3f} | {r['speedup']:.2f}x | {top1} |")
+        print(verdict(model_rows), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    write_json(out, {"command": " ".join(["python", *sys.argv]), "commit": commit,
+                     "machine": {**machine, "cpu_flags": flags}, "quick": args.quick,
+                     "verdicts": [verdict([r for r in rows if r["model"] == m]) for m in dict.fromkeys(
+                         r["model"] for r in rows)], "rows": rows})
+    print(f"\nrows written to {out}")
+
+
+if __name__ == "__main__":
+    main()
