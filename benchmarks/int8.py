@@ -84,7 +84,8 @@ def resnet50(args, folder: Path) -> dict:
              "slim fp32": cpdfx.export_onnx(slim, x, folder / "slim.onnx")}
     images = [(torch.randn(CALIBRATION[1], 3, size, size),) for _ in range(2 if args.quick else CALIBRATION[0])]
     quantized = int8_pair(paths, folder, images, [(torch.randn(CALIBRATION[1], 3, size, size),)])
-    return {"model": f"transformers ResNet-50, {size}x{size}, random weights", "paths": paths, "quantized": quantized,
+    name = "a small transformers ResNet (--quick)" if args.quick else "transformers ResNet-50"
+    return {"model": f"{name}, {size}x{size}, random weights", "paths": paths, "quantized": quantized,
             "shape": (3, size, size), "macs": {"original": cpdfx.cost(model, x).macs, "slim": cpdfx.cost(slim, x).macs},
             "scores": None, "slim": "cpdfx.prune(macs=0.5), l2"}
 
@@ -127,6 +128,13 @@ def fashion(args, folder: Path) -> dict:
             "slim": f"cpdfx.compress(macs=0.5) with KD, {slim_epochs} epoch(s)"}
 
 
+def int8_facts(q) -> dict:
+    """How an int8 file was made, and each calibration method's validation scores."""
+    return {"method": q.method, "reduce_range": q.reduce_range, "int8_ops": q.int8_ops, "float_ops": q.float_ops,
+            "agreement": q.calibration.argmax,
+            "methods": {m: {"top1": a.top1 and a.top1["int8"], "agreement": a.argmax} for m, a in q.methods.items()}}
+
+
 def rows_of(name: str, run: dict, timing) -> list:
     """One row per variant and batch, from one interleaved timing of the four files."""
     out = []
@@ -137,10 +145,7 @@ def rows_of(name: str, run: dict, timing) -> list:
                     "repeats": r["repeats"], "macs": run["macs"][r["model"].split()[0]],
                     "top1": run["scores"][r["model"]] if run["scores"] else None,
                     "test_images": run.get("test_images"), "slim": run["slim"],
-                    "int8": None if q is None else {"method": q.method, "reduce_range": q.reduce_range,
-                                                   "int8_ops": q.int8_ops, "float_ops": q.float_ops,
-                                                   "agreement": q.calibration.argmax,
-                                                   "methods": {m: a.top1 or a.argmax for m, a in q.methods.items()}}})
+                    "int8": None if q is None else int8_facts(q)})
     return out
 
 

@@ -141,7 +141,8 @@ class QuantizeResult:
                  + (f", {self.float_ops} in float" if self.float_ops else ""),
                  f"against the fp32 model on the {a.images} calibration images: {agree}(tolerance "
                  f"{self.tolerance:.0%}: {'within' if self.within_tolerance else 'NOT within'}), max abs error "
-                 f"{a.max_abs_error:.3g}, mean {a.mean_abs_error:.3g} (outputs' mean magnitude {a.mean_abs_output:.3g})"]
+                 f"{a.max_abs_error:.3g}, mean {a.mean_abs_error:.3g} (outputs' mean magnitude "
+                 f"{a.mean_abs_output:.3g})"]
         for name, v in self.methods.items():
             top1 = f"top-1 {v.top1['int8']:.2%} (fp32 {v.top1['fp32']:.2%}), " if v.top1 else ""
             agree = "" if v.argmax is None else f"arg-max agreement {v.argmax:.2%}, "
