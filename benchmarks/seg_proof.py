@@ -59,8 +59,10 @@ SELECT_SEED = 100
 PRUNE_STEPS, PRUNE_SHARE = 5, 0.5
 SELECTIONS = {  # what the select stage compares, each on validation at the first --macs
     "plain": ("plain", [{}]),
-    "cwd": ("kd", [{"temperature": t, "alpha": a} for t in (1.0, 4.0) for a in (1.0, 3.0)]),
+    "cwd-t1": ("kd", [{"temperature": 1.0, "alpha": a} for a in (1.0, 3.0)]),
+    "cwd-t4": ("kd", [{"temperature": 4.0, "alpha": a} for a in (1.0, 3.0)]),
     "pixel": ("kd", [{"kind": "kd", "temperature": 1.0, "alpha": 1.0}]),
+    "cwd-more": ("kd", [{"temperature": 4.0, "alpha": 10.0}, {"temperature": 8.0, "alpha": 3.0}]),
 }
 
 

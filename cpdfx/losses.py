@@ -21,7 +21,9 @@ IGNORE_INDEX = 255
 KINDS = {"classification": ("kd", "dist"), "segmentation": ("kd", "cwd")}
 DEFAULT_KIND = {"classification": "kd", "segmentation": "cwd"}
 DEFAULT_TEMPERATURE = {"kd": 4.0, "dist": 1.0, "cwd": 4.0}
-DEFAULT_ALPHA = 1.0  # the distillation term's weight, next to the label loss at weight 1
+# the distillation term's weight, next to the label loss at weight 1; CWD's 3 (with T 4) was the best of
+# T in {1, 4, 8} x alpha in {1, 3, 10} on validation (benchmarks/seg_proof.py select; RESULTS.md, issue 26)
+DEFAULT_ALPHA = {"kd": 1.0, "dist": 1.0, "cwd": 3.0}
 NO_MASS = -1e9  # a logit whose softmax share is exactly 0 (finite, so 0 * log 0 never turns up)
 
 
@@ -133,11 +135,13 @@ class DistillLoss(nn.Module):
     and a comparison of the two changes one thing, the teacher term.
 
     task: "classification" (kind "kd" or "dist") or "segmentation" (kind "kd",
-    pixel-wise, or "cwd"); temperature defaults to 4 for kd/cwd and 1 for dist.
+    pixel-wise, or "cwd"); temperature defaults to 4 for kd/cwd and 1 for dist,
+    alpha to 1 for kd/dist and 3 for cwd (DEFAULT_ALPHA). CWD counts only the
+    pixels the labels count (not ignore_index) when there are labels.
     `terms` gives the weighted parts by name (for logging); calling the module
     gives their sum."""
 
-    def __init__(self, task: str = "classification", kind: str | None = None, alpha: float = DEFAULT_ALPHA,
+    def __init__(self, task: str = "classification", kind: str | None = None, alpha: float | None = None,
                  temperature: float | None = None, labels: bool = True, ignore_index: int = IGNORE_INDEX):
         super().__init__()
         if task not in KINDS:
@@ -146,6 +150,7 @@ class DistillLoss(nn.Module):
         if kind not in KINDS[task]:
             raise ValueError(f"distillation kind {kind!r} does not fit {task}: choose one of "
                              f"{', '.join(KINDS[task])}")
+        alpha = DEFAULT_ALPHA[kind] if alpha is None else alpha
         if not alpha >= 0:
             raise ValueError(f"alpha={alpha} is the weight of the distillation term added to the cross-entropy "
                              f"and must be >= 0")

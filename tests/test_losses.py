@@ -98,6 +98,9 @@ def test_distill_loss_adds_the_teacher_term_to_the_full_label_loss():
     plain = DistillLoss("classification", alpha=0.0)(s, t, y)
     torch.testing.assert_close(plain, F.cross_entropy(s, y))  # alpha 0 is plain training, exactly
     torch.testing.assert_close(loss(s, t, y), terms["ce"] + terms["kd"])
+    seg = DistillLoss("segmentation")  # CWD's defaults were chosen on validation apart from KD's
+    assert (seg.kind, seg.alpha, seg.temperature, loss.alpha) == ("cwd", 3.0, 4.0, 0.3)
+    assert DistillLoss("classification").alpha == 1.0
     assert set(DistillLoss("segmentation").terms(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4),
                                                  torch.zeros(2, 4, 4, dtype=torch.long))) == {"ce", "cwd"}
 
