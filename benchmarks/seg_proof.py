@@ -6,6 +6,7 @@ pruning, keep its mIoU? The segmentation half of the distillation proof.
     python benchmarks/seg_proof.py rows --seeds 0-4        # the rows
     python benchmarks/seg_proof.py collect                 # -> results/distill_proof.json (task "segmentation")
     python benchmarks/proof_table.py                       # the tables, with p-values
+    python benchmarks/seg_proof.py teacher --arch unettiny # the same with the earlier, weaker U-Net
 
 Data: cpdfx.data.FashionSegmentation canvases (48x48, two Fashion-MNIST
 items each, the later on top, 11 classes with the background). Validation
@@ -20,6 +21,9 @@ Model: cpdfx.models.UNet, four levels (widths 16/32/64/128 by default), whose
 receptive field covers a whole item, so a pixel is classed by the item it lies
 on. (At widths 8/16/32/64 it learns the background and little else: 11% val
 mIoU after 3 epochs on 6,000 canvases at lr 3e-3 where 16/32/64/128 reaches 47%.)
+`--arch unettiny` is cpdfx.models.UNetTiny (two levels, receptive field
+smaller than an item), the segmenter of the earlier rows where CWD lost: the
+same rows with it show what the teacher's quality does to CWD.
 The teacher trains at lr 3e-3 (1e-3 and 5e-3 learned no faster at the narrow widths),
 the students at the library default.
 
@@ -46,7 +50,7 @@ import cpdfx
 from cpdfx.compress import compress
 from cpdfx.data import FashionSegmentation
 from cpdfx.distill import distill, evaluate
-from cpdfx.models import UNet
+from cpdfx.models import UNet, UNetTiny
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distill_proof import RESULTS, commit, machine, seeds, sha256, widths  # noqa: E402
@@ -67,7 +71,14 @@ SELECTIONS = {  # what the select stage compares, each on validation at the firs
 
 
 def architecture(args) -> nn.Module:
-    return UNet(num_classes=len(FashionSegmentation.classes), in_channels=1, widths=args.widths)
+    classes = len(FashionSegmentation.classes)
+    if args.arch == "unettiny":
+        return UNetTiny(num_classes=classes, in_channels=1)
+    return UNet(num_classes=classes, in_channels=1, widths=args.widths)
+
+
+def arch_name(args) -> str:
+    return args.arch if args.arch == "unettiny" else f"unet{'-'.join(map(str, args.widths))}"
 
 
 def splits(args) -> dict:
@@ -81,7 +92,7 @@ def splits(args) -> dict:
 
 
 def teacher_file(args) -> Path:
-    return Path(args.cache) / f"teacher-unet{'-'.join(map(str, args.widths))}-e{args.teacher_epochs}.pt"
+    return Path(args.cache) / f"teacher-{arch_name(args)}-e{args.teacher_epochs}.pt"
 
 
 def load_teacher(args) -> tuple[nn.Module, str]:
@@ -121,7 +132,7 @@ def row(args, method, macs, seed, model, history, data, teacher_sha, *, test=Tru
     base, cost = cpdfx.cost(architecture(args), EXAMPLE), cpdfx.cost(model, EXAMPLE)
     val_curve = [h.get("val_miou") for h in history]
     return {
-        "task": TASK, "arch": f"unet{'-'.join(map(str, args.widths))}", "method": method, "macs": macs,
+        "task": TASK, "arch": arch_name(args), "method": method, "macs": macs,
         "seed": seed, "test_miou": evaluate(model, data["test"], task=TASK, batch_size=200)["miou"] if test else None,
         "val_miou": val_curve[-1] if val_curve else None, "val_curve": val_curve,
         "macs_kept": cost.macs / base.macs, "params_kept": cost.params / base.params, "widths": widths(model),
@@ -143,7 +154,7 @@ def run_student(args, data, teacher, sha, method, macs, seed, *, stage="row", **
 
 def row_file(args, stage, method, macs, seed, choice=None) -> Path:
     tag = "-".join(f"{k}{v}" for k, v in sorted((choice or {}).items()))
-    return Path(args.cache) / "rows" / f"{stage}_{method}_{macs}_{seed}{'_' + tag if tag else ''}.json"
+    return Path(args.cache) / "rows" / f"{stage}_{arch_name(args)}_{method}_{macs}_{seed}{'_' + tag if tag else ''}.json"
 
 
 def save(args, r: dict) -> None:
@@ -166,6 +177,9 @@ def collect(args) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("teacher", "select", "rows", "collect"))
+    parser.add_argument("--arch", choices=("unet", "unettiny"), default="unet",
+                        help="unet: the four-level UNet (--widths); unettiny: the earlier two-level one, whose "
+                             "receptive field is smaller than an item")
     parser.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",")), default=(16, 32, 64, 128))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--macs", default="0.5,0.25")

@@ -14,6 +14,7 @@ from test_cli import run
 from test_cli_bad_input import assert_refused
 
 from cpdfx import data, evaluate, export_onnx, prune
+from cpdfx.distill import distill
 from cpdfx.models import ResNetTiny, UNetTiny
 from cpdfx.onnxmodel import OnnxModel
 from cpdfx.pipeline import INT8, Int8, int8_summary, ship
@@ -24,7 +25,6 @@ from cpdfx.quantize import Agreement, QuantizeError, best_method, choose_method,
 def digits_net(tmp_path_factory, one_thread):
     """A ResNetTiny for digits' 1x8x8 images, trained a little (so that int8
     rounding can change its answers), exported; with labelled batches."""
-    from cpdfx.distill import distill
     train, test = data.digits("train"), data.digits("test")
     torch.manual_seed(0)
     model = ResNetTiny(in_channels=1, widths=(8, 16, 32), blocks=(1, 1, 1))
