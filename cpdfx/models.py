@@ -205,8 +205,9 @@ class FPNTiny(nn.Module):
 class UNet(nn.Module):
     """U-Net of len(widths) levels: two 3x3 conv-BN-ReLU per level, max-pool
     down, bilinear up, the encoder's map concatenated before each decoder
-    level. Its receptive field grows with the levels (about 70 px with four),
-    so each pixel can be classified by the whole object it lies on."""
+    level. Its receptive field doubles its growth with each level (68 px for
+    the encoder alone with four levels, against about 24 px for UNetTiny), so
+    each pixel can be classified by the whole object it lies on."""
 
     def __init__(self, num_classes=4, in_channels=3, widths=(8, 16, 32, 64)):
         super().__init__()
