@@ -122,10 +122,10 @@ def student(args, data, teacher, method: str, macs: float, seed: int, **choice):
     """(slim model, history, extra row fields) of one method at one budget and seed."""
     loss = None if method == "plain" else {"kind": choice.get("kind", args.kind), "alpha": choice.get("alpha", args.alpha),
                                            "temperature": choice.get("temperature", args.temperature)}
-    result = compress(teacher, EXAMPLE, data["train"], data["val"], task=TASK, macs=macs, importance="fisher",
+    result = compress(teacher, EXAMPLE, data["train"], data["val"], task=TASK, macs=macs, importance=args.importance,
                       prune_steps=PRUNE_STEPS, prune_share=PRUNE_SHARE, round_to=1, plain=method == "plain",
                       loss=loss, epochs=args.epochs, batch_size=args.batch, seed=seed, progress=args.progress)
-    return result.model, result.history, {"loss": result.report["loss"]}
+    return result.model, result.history, {"loss": result.report["loss"], "importance": args.importance}
 
 
 def row(args, method, macs, seed, model, history, data, teacher_sha, *, test=True, **extra) -> dict:
@@ -148,7 +148,7 @@ def run_student(args, data, teacher, sha, method, macs, seed, *, stage="row", **
     torch.manual_seed(seed)
     model, history, extra = student(args, data, teacher, method, macs, seed, **choice)
     model.eval()
-    return row(args, method, macs, seed, model, history, data, sha, test=stage == "row", stage=stage,
+    return row(args, method, macs, seed, model, history, data, sha, test=stage != "select", stage=stage,
                choice=choice or None, wall_s=time.perf_counter() - t0, **extra)
 
 
@@ -188,6 +188,10 @@ def main():
     parser.add_argument("--kind", default="cwd", choices=("cwd", "kd"), help="cwd, or pixel-wise kd (chosen by select)")
     parser.add_argument("--alpha", type=float, default=1.0, help="CWD's weight (chosen by select)")
     parser.add_argument("--temperature", type=float, default=4.0, help="CWD's temperature (chosen by select)")
+    parser.add_argument("--importance", default="fisher", help="the pruning criterion of both arms")
+    parser.add_argument("--stage-name", default="row",
+                        help="rows: what the rows are; any other name than 'row' keeps them out of the tables "
+                             "(e.g. 'cause' for the rows that test an explanation)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--teacher-epochs", type=int, default=5)
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
@@ -217,8 +221,8 @@ def main():
     for seed in seeds(args.seeds):
         for macs in budgets:
             for method in args.methods.split(","):
-                if not (args.skip_done and row_file(args, "row", method, macs, seed).is_file()):
-                    save(args, run_student(args, data, teacher, sha, method, macs, seed))
+                if not (args.skip_done and row_file(args, args.stage_name, method, macs, seed).is_file()):
+                    save(args, run_student(args, data, teacher, sha, method, macs, seed, stage=args.stage_name))
 
 
 if __name__ == "__main__":
