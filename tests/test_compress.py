@@ -128,3 +128,4 @@ def test_segmentation_with_channel_wise_distillation():
     assert 0.48 <= result.report["achieved"]["macs"] <= 0.5
     assert {"ce", "cwd", "val_miou"} <= set(result.history[0]) and "miou" in result.report["teacher"]
     assert result.model(torch.randn(3, 1, 32, 32)).shape == (3, 11, 32, 32)
+    assert "kind=cwd, alpha=3.0, temperature=4.0" in result.report["loss"]  # the defaults seg_proof chose
