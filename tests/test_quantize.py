@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnxruntime.quantization import quant_pre_process
+from onnxruntime.quantization import QuantFormat, QuantType, calibrate, quant_pre_process, quantize_static
 
 from test_cli import run
 from test_cli_bad_input import assert_refused
@@ -18,7 +18,8 @@ from cpdfx.distill import distill
 from cpdfx.models import ResNetTiny, UNetTiny
 from cpdfx.onnxmodel import OnnxModel
 from cpdfx.pipeline import INT8, Int8, int8_summary, ship
-from cpdfx.quantize import Agreement, QuantizeError, best_method, choose_method, quantize
+from cpdfx.quantize import (Agreement, CalibrationReader, QuantizeError, best_method, choose_method, prepare,
+                            quantize)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,32 @@ def test_reported_agreement_is_what_the_two_files_compute(digits_net, tmp_path):
     assert a.top1["int8"] == pytest.approx((have.argmax(1) == labels).mean())
     assert 0 < a.mean_abs_error < 0.1 * a.mean_abs_output  # int8, not a broken model
     assert result.within_tolerance == (a.argmax >= result.tolerance)
+
+
+def test_calibration_holds_one_batch_at_a_time(digits_net, tmp_path, monkeypatch):
+    """The calibrators see the batches one by one (memory of one batch's
+    activations), and MinMax's ranges are those of all the batches at once."""
+    seen = []
+    for cls in (calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater):
+        def counting(self, reader, _collect=cls.collect_data):
+            items = list(iter(reader.get_next, None))
+            seen.append(len(items))
+            return _collect(self, CalibrationReader(items))
+        monkeypatch.setattr(cls, "collect_data", counting)
+    feeds = [x for x, _ in digits_net["calibration"]]
+    for method in ("minmax", "percentile"):
+        seen.clear()
+        quantize(digits_net["path"], tmp_path / f"{method}.onnx", feeds, method=method, reduce_range=False)
+        assert seen == [1] * len(feeds), method
+    monkeypatch.undo()
+    whole = tmp_path / "whole.onnx"
+    prepared = prepare(digits_net["path"], tmp_path / "prepared.onnx")
+    quantize_static(prepared, str(whole), CalibrationReader([{"x": x.numpy()} for x in feeds]),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    scales = lambda p: {t.name: onnx.numpy_helper.to_array(t).tolist()  # noqa: E731
+                        for t in onnx.load(p).graph.initializer if t.name.endswith("_scale")}
+    assert scales(tmp_path / "minmax.onnx") == scales(whole) != {}
 
 
 def test_preprocessing_passes_where_symbolic_shape_inference_fails(digits_net, tmp_path, caplog):
