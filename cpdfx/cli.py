@@ -268,7 +268,9 @@ def budget(args) -> dict:
 
 
 def latency_options(args) -> dict:
-    return {"batch": args.latency_batch, "tolerance": args.speedup_tolerance}
+    """--speedup's options; with --int8 the speed-up is the slim int8 model's over the fp32 original."""
+    return {"batch": args.latency_batch, "tolerance": args.speedup_tolerance,
+            **({"int8": True} if args.int8 and args.speedup is not None else {})}
 
 
 def count_or_share(value: float):
@@ -395,6 +397,11 @@ def cmd_inspect(args) -> None:
 
 def cmd_prune(args) -> None:
     shares = budget(args)  # a missing or bad budget is refused before the data and model are read
+    if args.int8 and args.speedup is None:
+        raise UsageError("--int8 times --speedup as the model will ship, quantized to int8: give --speedup (to "
+                         "write the int8 file itself, run cpdfx export --int8 on the slim model)")
+    if args.int8:
+        check_int8_runtime(args.runtime)
     data = load_data(args, "train", augment=False) if args.data else None
     model, x = model_and_input(args, data, args.weights)
     model = model.eval()
@@ -644,7 +651,8 @@ def _int8_args(p, flag: bool = True) -> None:
     if flag:
         p.add_argument("--int8", action="store_true",
                        help=f"also write the model quantized to int8 for onnxruntime on the CPU ({INT8_FILE} beside "
-                            f"slim.onnx; X.int8.onnx beside X.onnx), calibrated on --data's training images")
+                            f"slim.onnx; X.int8.onnx beside X.onnx), calibrated on --data's training images; with "
+                            f"--speedup, the speed-up is the slim int8 model's over the fp32 original")
     p.add_argument("--method", choices=tuple(METHODS),
                    help="the int8 calibration method (default: each tried, and the one with the best top-1, or "
                         "agreement with the fp32 model, on the val split kept)")
@@ -707,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "one a saved .pt2 or an hf: model knows)")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--int8", action="store_true",
+                   help="time --speedup as the slim model will ship, quantized to int8 (then export it with "
+                        "cpdfx export --int8)")
     p.add_argument("--steps", type=int, default=5,
                    help="prune in this many rounds, scoring the smaller graph again in each (default 5)")
     p.add_argument("--no-bn-reestimate", dest="reestimate_bn", action="store_false",

@@ -33,6 +33,13 @@ this machine rather than from MACs:
   x3: the first plan measured 0.45 of the time for 0.33 asked, the next,
   on the fitted model, 0.345).
 
+With int8=True the tables time each layer as onnxruntime's quantizer writes
+it (`quantize.timing_model`: QDQ, int8 weights per channel, uint8
+activations), which the CPU provider runs in its int8 kernels: their channel
+blocks and speed per MAC are not the float kernels', so a budget for a model
+that ships as int8 is solved on int8 time. Such points are cached under keys
+of their own ("int8/conv/...").
+
 Tables are cached per machine (CPU or GPU, cores, threads, provider,
 onnxruntime version) in $CPDFX_CACHE (default ~/.cache/cpdfx), so each point
 is measured once; but only points timed on a quiet machine:
@@ -58,7 +65,7 @@ import math
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +82,7 @@ from .capture import as_tuple
 from .cost import batch_values, concrete, mac_terms_by_node
 from .export import export_onnx
 from .files import cache_dir, write_json
+from .quantize import check_int8_runtime, timing_model
 from .runtime import channel_block, provider
 
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)  # shares of a layer's width the tables are timed at
@@ -104,13 +112,15 @@ class LatencyModel:
     repeats: timed runs per session of a table point (median kept);
     full_ms: the measured latency of the whole graph at this batch, when the
     caller has it (prune measures it); elementwise: the share of it that
-    follows element counts, when known (see `calibrate`); cache: a folder,
-    or False."""
+    follows element counts, when known (see `calibrate`); int8: the layers
+    timed quantized (see the module's notes), for a model that ships as int8
+    (full_ms is then the int8 model's); cache: a folder, or False."""
 
     def __init__(self, gm, comb, example_inputs=None, *, batch: int = 8, threads: int | None = None,
                  runtime: str = "cpu", block: int | None = None, repeats: int = 7, full_ms: float | None = None,
-                 elementwise: float = 0.0, cache=None, progress: bool = True):
+                 elementwise: float = 0.0, int8: bool = False, cache=None, progress: bool = True):
         self.spaces, self.batch, self.threads, self.repeats = comb.spaces, batch, threads, repeats
+        self.int8 = bool(int8 and check_int8_runtime(runtime))
         self.provider = provider(runtime)
         self.block = block or channel_block(runtime)
         self.values = {s: batch for s in batch_values(gm, example_inputs)}  # every symbolic size is the batch
@@ -188,11 +198,14 @@ class LatencyModel:
         """The tabled layer of a conv or linear node (its op-table entry says
         `latency`), or None (costed by MACs)."""
         kind = OPS[node.target].latency if node.op == "call_function" and node.target in OPS else None
-        if kind == "conv":
-            return _conv_layer(node, comb, self.batch)
-        if kind == "linear":
-            return _linear_layer(node, comb, self.values)
-        return None
+        layer = (_conv_layer(node, comb, self.batch) if kind == "conv" else
+                 _linear_layer(node, comb, self.values) if kind == "linear" else None)
+        return replace(layer, key=f"int8/{layer.key}") if layer is not None and self.int8 else layer
+
+    def _build(self, layer: Layer, point):
+        """The one-layer ONNX model of a table point and its input shape, quantized where the tables are int8."""
+        model, shape = layer.build(point)
+        return (timing_model(model, shape), shape) if self.int8 else (model, shape)
 
     def _grid(self, full: int) -> list[int]:
         return sorted({min(full, _round_up(max(1, round(full * f)), self.block)) for f in GRID})
@@ -218,13 +231,13 @@ class LatencyModel:
         bar = tqdm(todo.items(), desc="latency tables", unit="point", disable=not progress)
         for (key, point), layer in bar:
             bar.set_postfix_str(f"{key.replace('/', ' ')} at {'x'.join(map(str, point))}", refresh=False)
-            model, shape = layer.build(point)
+            model, shape = self._build(layer, point)
             ms, spread = time_point(model, shape)
             if spread > NOISY:
                 ms, spread = min((ms, spread), time_point(model, shape), key=lambda t: t[1])
             self.cache.put(key, point, ms, trusted=spread <= NOISY)
         for (key, point), layer in self._out_of_line(todo).items():
-            ms, spread = time_point(*layer.build(point))
+            ms, spread = time_point(*self._build(layer, point))
             if ms < self.cache.get(key, point):
                 self.cache.put(key, point, ms, trusted=spread <= NOISY)
         after = _reference_ms(time_point)
@@ -464,14 +477,22 @@ class Measured:
     spread is most of the error (5-12% for a 6 ms MobileNetV2 on a 2-core
     VM), so the time `samples` sessions of `min_seconds` would take is spent
     on up to three times as many shorter ones, of `SESSION_SECONDS` at least.
-    The example input is one tensor, alone or as a 1-tuple."""
+    The example input is one tensor, alone or as a 1-tuple.
+
+    With int8=True the slim models are timed as they ship, quantized
+    (`quantize.timing_model`), against the fp32 original: a share is then
+    what the slim int8 model takes of the fp32 original's time, and
+    `shipped`, the original's own int8 model's share, measured once (1.0
+    without int8)."""
 
     def __init__(self, gm, example_inputs, *, batch: int = 8, threads: int | None = None, runtime: str = "cpu",
-                 repeats: int = 10, min_seconds: float = 1.5, max_seconds: float = 10.0, samples: int = 3):
+                 repeats: int = 10, min_seconds: float = 1.5, max_seconds: float = 10.0, samples: int = 3,
+                 int8: bool = False):
         inputs = as_tuple(example_inputs)
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             raise ValueError(f"a latency budget times the model in onnxruntime on one input tensor; this model "
                              f"takes {len(inputs)} input(s): give a macs= or params= budget instead")
+        self.int8 = bool(int8 and check_int8_runtime(runtime))
         self.folder = tempfile.TemporaryDirectory(prefix="cpdfx-latency-")
         self.example_inputs, self.batch, self.threads, self.repeats = example_inputs, batch, threads, repeats
         self.seconds, self.samples = {"min_seconds": min_seconds, "max_seconds": max_seconds}, samples
@@ -484,11 +505,23 @@ class Measured:
         more = min(3 * samples, int(samples * min_seconds / session))
         if more > samples:  # a fast model: more, shorter sessions in the same time
             self.samples, self.seconds["min_seconds"] = more, samples * min_seconds / more
+        self.shipped = self._share(self._as_shipped(self.original)) if self.int8 else 1.0
 
     def share(self, slim) -> float:
-        """slim's latency over the original's: the median, over the samples,
-        of the per-round ratio in interleaved runs."""
-        path = export_onnx(slim, self.example_inputs, Path(self.folder.name) / "slim.onnx")
+        """slim's latency (its int8 model's, with int8) over the original's:
+        the median, over the samples, of the per-round ratio in interleaved runs."""
+        return self._share(self._as_shipped(export_onnx(slim, self.example_inputs,
+                                                        Path(self.folder.name) / "slim.onnx")))
+
+    def _as_shipped(self, path) -> str:
+        """The ONNX file as it ships: itself, or with int8 its timing model beside it."""
+        if not self.int8:
+            return path
+        int8 = Path(path).with_suffix(".int8.onnx")
+        int8.write_bytes(timing_model(path, (self.batch, *self.shape)))
+        return str(int8)
+
+    def _share(self, path) -> float:
         timing = bench({"original": self.original, "slim": path}, self.shape, batch_sizes=(self.batch,),
                        threads=self.threads, providers=[self.provider], warmup=3, repeats=self.repeats,
                        samples=self.samples, progress=False, **self.seconds)

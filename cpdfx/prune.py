@@ -52,7 +52,11 @@ def prune(model, example_inputs, *, macs=None, params=None, latency=None, import
         result lands within 7% of the speed-up asked (1 / latency), either
         way, or the call raises a BudgetError naming the speed-ups measured;
         latency_options "tolerance" (a share) also keeps a result up to that
-        much slower than asked, never one more than 7% faster.
+        much slower than asked, never one more than 7% faster. With
+        latency_options "int8": True the model is timed as it ships in int8
+        (the layer tables quantized, each result quantized and timed against
+        the fp32 original): latency is then the slim int8 model's share of the
+        fp32 original's time (quantize the result with cpdfx.quantize).
     slim.meta["cpdfx_kept"] maps parameter names to {dim: kept indices};
     slim.meta["cpdfx_report"] is the pruning report (see report.py)."""
     target = Target(macs, params, latency)  # checked before the slow capture

@@ -93,14 +93,29 @@ class Pruner:
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or not 0 <= self.tolerance < 1:
             raise BudgetError(f"latency_options tolerance={self.tolerance!r}: give how much slower than asked a "
                               f"result may be kept, a share in [0, 1), e.g. 0.2")
+        int8 = self.latency_options.get("int8", False)
+        if not isinstance(int8, bool):
+            raise BudgetError(f"latency_options int8={int8!r}: give True to time the model as it ships in int8, "
+                              f"or False")
         self.measured = self.latency_share = None
         self.elementwise = 0.0  # the latency model's elementwise share for the current graph (LatencyModel.calibrate)
         if latency is not None:  # the original, timed in onnxruntime: what every step's latency is a share of
             options = self.latency_options
             if is_main():  # one process times, and tells the others what it chose (see step)
                 self.measured = Measured(self.gm, example_inputs, batch=options.get("batch", 8),
-                                         threads=options.get("threads"), runtime=options["runtime"])
-            self.latency_share = 1.0
+                                         threads=options.get("threads"), runtime=options["runtime"], int8=int8)
+            # the original's time as it ships (in int8, with int8) as a share of its fp32 time: the steps'
+            # latency targets run from there to the one asked
+            self.latency_share = from_main(self.measured.shipped if self.measured else None)
+            if int8 and latency >= self.latency_share:
+                raise BudgetError(
+                    f"latency={latency:g} (x{1 / latency:.2f}) with int8: the original quantized to int8 already "
+                    f"runs x{1 / self.latency_share:.2f} faster than in fp32 on this machine, so there is nothing "
+                    f"to prune for it. Ship the original's int8 model (cpdfx export --int8, cpdfx quantize), or "
+                    f"ask for more than x{1 / self.latency_share:.2f}")
+            self.targets = [(m, p, s * self.latency_share) for (m, p, s) in
+                            zip(_shares(macs, steps, schedule), _shares(params, steps, schedule),
+                                _shares(latency / self.latency_share, steps, schedule))]
 
     @property
     def done(self) -> bool:

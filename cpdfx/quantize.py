@@ -266,6 +266,28 @@ def _quantize(onnx_in, onnx_out, calibration, validation, methods, per_channel, 
     return result
 
 
+def timing_model(onnx_in: str | bytes, shape, reduce_range: bool | None = None) -> bytes:
+    """The QDQ model `calibrate` writes for the ONNX model onnx_in (a path or
+    its bytes), calibrated on one batch of random normal inputs of `shape`:
+    what onnxruntime's int8 kernels run, for timing them (an int8 latency
+    table, a latency budget's measurements). Its ranges fit no data, so its
+    answers mean nothing; the model shipped is calibrated on images
+    (`quantize`, `choose_method`)."""
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
+    with tempfile.TemporaryDirectory(prefix="cpdfx-quantize-") as tmp, _quiet(io.StringIO()):
+        source = onnx_in
+        if isinstance(onnx_in, bytes):
+            source = os.path.join(tmp, "fp32.onnx")
+            Path(source).write_bytes(onnx_in)
+        proto = onnx.load(source)
+        weights = {t.name for t in proto.graph.initializer}
+        name = next(i.name for i in proto.graph.input if i.name not in weights)
+        feed = {name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+        path = calibrate(prepare(source, os.path.join(tmp, "prepared.onnx")), os.path.join(tmp, "int8.onnx"),
+                         [(feed, None)], "minmax", True, reduce_range, "the model to time")
+        return Path(path).read_bytes()
+
+
 def read_model(path) -> onnx.ModelProto:
     """The ONNX model at path, refused in words when there is none or it is not ONNX."""
     if not Path(path).is_file():

@@ -92,13 +92,13 @@ def in_times_out(model, shape, *args, spread=False, **kwargs):
     return (ms, 0.0) if spread else ms
 
 
-def fake_onnxruntime(monkeypatch, shares, calibrate: bool = False) -> list:
+def fake_onnxruntime(monkeypatch, shares, calibrate: bool = False, shipped: float = 1.0) -> list:
     """onnxruntime replaced: the tables cost a layer its input width, and the
     pruned models measure `shares` in turn (the original is unknown: the
-    tables alone). Unless `calibrate`, the latency model keeps its
-    elementwise share (no refit), so that the asks follow from the shares
-    alone. Returns the latency each plan was asked for, filled as pruning
-    runs."""
+    tables alone; its int8 model measures `shipped`). Unless `calibrate`, the
+    latency model keeps its elementwise share (no refit), so that the asks
+    follow from the shares alone. Returns the latency each plan was asked
+    for, filled as pruning runs."""
     shares, asked = iter(shares), []
     monkeypatch.setattr(latency, "time_onnx", width_timer)
     if not calibrate:
@@ -107,8 +107,8 @@ def fake_onnxruntime(monkeypatch, shares, calibrate: bool = False) -> list:
     class FakeMeasured:
         full_ms = 0.0
 
-        def __init__(self, *args, **kwargs):
-            pass
+        def __init__(self, *args, int8=False, **kwargs):
+            self.shipped = shipped if int8 else 1.0
 
         def share(self, slim):
             return next(shares)

@@ -17,6 +17,7 @@ import cpdfx.pruner as pruner
 from cpdfx import passes
 from cpdfx.budget import Constraints, Target
 from cpdfx.models import MODELS
+from cpdfx.quantize import int8_kernels
 from cpdfx.solve import plan
 
 
@@ -469,3 +470,59 @@ def test_tables_that_see_no_time_to_save_fall_back_to_the_macs(monkeypatch):
     assert asked == [0.7, None]  # refused on the tables, then planned on the MACs
     assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.7
     assert 0.68 <= cpdfx.cost(slim, x).macs / cpdfx.cost(model, x).macs <= 0.7
+
+
+def test_int8_tables_time_each_layer_as_the_quantizer_writes_it(monkeypatch, tmp_path):
+    """With int8, every table point is the one-layer model quantized to QDQ,
+    which onnxruntime runs in its int8 kernels, cached under keys of its own
+    beside the fp32 points."""
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    comb = passes.comb(gm)
+    timed = []
+    monkeypatch.setattr(latency, "time_onnx", lambda model, shape, *a, **k: timed.append(model) or (1.0, 0.0))
+    fp32 = latency.LatencyModel(gm, comb, x, batch=2, block=8, repeats=1, cache=tmp_path, progress=False)
+    points = sum(weight_ms(m) != 64 * 64 for m in timed)  # all but the reference layer (the machine's yardstick)
+    timed.clear()
+    int8 = latency.LatencyModel(gm, comb, x, batch=2, block=8, repeats=1, cache=tmp_path, progress=False, int8=True)
+    quantized = ["QuantizeLinear" in {n.op_type for n in onnx.load_from_string(m).graph.node} for m in timed]
+    assert sum(quantized) == points > 0
+    assert all(weight_ms(m) == 64 * 64 for m, q in zip(timed, quantized) if not q)  # the yardstick stays fp32
+    assert [layer.key for layer in int8.layers] == [f"int8/{layer.key}" for layer in fp32.layers]
+    cached = json.loads(next(tmp_path.glob("latency-*.json")).read_text())
+    assert sum(k.startswith("int8/") for k in cached) == sum(not k.startswith("int8/") for k in cached) > 0
+    path = tmp_path / "point.onnx"
+    path.write_bytes(timed[quantized.index(True)])
+    assert int8_kernels(path, str(tmp_path), "a point") == (1, 0)  # a QLinearConv (or QGemm), nothing in float
+
+
+def test_int8_latency_runs_from_the_original_int8_model_to_the_speedup_asked(monkeypatch):
+    """With int8, the original as it ships (its int8 model, here half the fp32
+    time) is where the steps start: latency=0.25 of the fp32 original asks
+    pruning for half of its int8 model's time, in two steps of 0.707 each."""
+    monkeypatch.setattr(latency, "timing_model", lambda model, shape: model)
+    asked = fake_onnxruntime(monkeypatch, [0.35, 0.25], shipped=0.5)
+    model = MODELS["resnet"](widths=(32, 64, 128)).eval()
+    options = {"cache": False, "progress": False, "repeats": 1, "block": 8, "int8": True}
+    slim = cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.25, steps=2, latency_options=options)
+    assert asked == [pytest.approx(0.5 ** 0.5), pytest.approx(0.25 / 0.35)]
+    assert slim.meta["cpdfx_report"]["achieved"]["latency"] == 0.25
+    with pytest.raises(cpdfx.BudgetError, match=r"int8 already runs x2.00 faster .* ask for more than x2.00"):
+        cpdfx.prune(model, torch.randn(2, 3, 16, 16), latency=0.6, latency_options=options)
+
+
+def test_measured_int8_times_the_quantized_slim_model_against_the_fp32_original(monkeypatch):
+    x = torch.randn(2, 3, 8, 8)
+    gm = cpdfx.capture(TwinConvs().eval(), x)
+    pairs = []
+
+    def fake_bench(models, shape, **kwargs):
+        pairs.append({name: {n.op_type for n in onnx.load(path).graph.node} for name, path in models.items()})
+        return SimpleNamespace(rows=[{"speedup": 1.0}, {"speedup": 2.5 if len(pairs) == 1 else 4.0}])
+
+    monkeypatch.setattr(latency, "bench", fake_bench)
+    measured = latency.Measured(gm, x, batch=2, repeats=2, int8=True)
+    assert measured.shipped == pytest.approx(0.4) and measured.share(gm) == pytest.approx(0.25)
+    assert all("QuantizeLinear" not in p["original"] and "QuantizeLinear" in p["slim"] for p in pairs)
+    with pytest.raises(cpdfx.QuantizeError, match="no int8 kernels"):
+        latency.Measured(gm, x, batch=2, int8=True, runtime="cuda")

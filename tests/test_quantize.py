@@ -251,6 +251,9 @@ def wide_net(tmp_path_factory):
     (["export", "cli_models:small_digits_net", "--input-shape", "2,1,16,16", "--data", "digits", "--int8"],
      "does not fit"),
     (["compress", "resnet", "--data", "digits", "--macs", "0.5", "--int8", "--runtime", "cuda"], "--runtime cuda"),
+    (["prune", "resnet", "--input-shape", "2,3,16,16", "--macs", "0.5", "--int8"], "give --speedup"),
+    (["prune", "resnet", "--input-shape", "2,3,16,16", "--speedup", "2", "--int8", "--runtime", "cuda"],
+     "--runtime cuda"),
 ])
 def test_cli_bad_int8_input_is_one_paragraph_and_writes_nothing(args, words, digits_net, wide_net, tmp_path):
     (tmp_path / "notes.onnx").write_text("not a model")
