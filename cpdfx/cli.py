@@ -36,7 +36,7 @@ from .files import atomic_path, write_json
 from .importance import resolve as criterion
 from .models import MODELS
 from .passes import comb
-from .pipeline import INT8_FILE, Int8, quantize_plan, run_demo, ship
+from .pipeline import INT8_FILE, QAT_TRIGGER, Int8, int8_ready, quantize_plan, run_demo, ship
 from .prune import prune
 from .quantize import METHODS, QuantizeError, check_int8_runtime, read_model
 from .ranks import is_main
@@ -555,6 +555,8 @@ def cmd_compress(args) -> None:
     Target(**budget(args))  # a missing or bad budget is refused before a teacher is checked or trained
     if args.int8:
         check_int8_runtime(args.runtime)
+    if args.qat_epochs < 0:
+        raise UsageError(f"--qat-epochs {args.qat_epochs}: give a number of epochs, 0 or more")
     train, val, test = load_data(args, "train"), load_data(args, "val"), load_data(args, "test")
     x = example_input(args, train)
     model = load_model(args.model, args.task, x, train, args.weights).eval()
@@ -570,10 +572,13 @@ def cmd_compress(args) -> None:
         metric, tested = "top1" if args.task == "classification" else "miou", result.report["test"]
         final = ("the scores in the table (all three scored in onnxruntime: report.json's \"int8\")" if args.int8
                  else "the scores in the table (report.json's \"test\")")
-        ship(model, result.model, x, test, args.task, out, title=f"cpdfx compress {args.model}",
+        slim, plan = result.model, int8_data(args) if args.int8 else None
+        if plan is not None:
+            slim, plan = int8_ready(model, slim, x, train, val, plan, args.task, epochs=args.qat_epochs,
+                                    batch_size=args.batch_size)
+        ship(model, slim, x, test, args.task, out, title=f"cpdfx compress {args.model}",
              training=[*training, split_note(args, val, test, final)],
-             scores={"original": tested["teacher"][metric], "slim": tested["student"][metric]},
-             int8=int8_data(args) if args.int8 else None)
+             scores={"original": tested["teacher"][metric], "slim": tested["student"][metric]}, int8=plan)
 
 
 def cmd_demo(args) -> None:
@@ -701,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-share", type=float, default=0.5,
                    help="the share of the training steps the pruning steps are spread over (default 0.5)")
     _int8_args(p)
+    p.add_argument("--qat-epochs", type=int, default=1,
+                   help=f"with --int8: where post-training int8 loses more than {QAT_TRIGGER:g} point on the val "
+                        f"split, distil the slim model this many epochs more with int8 rounding in the loop (default "
+                        f"1; 0: never)")
     p.set_defaults(run=cmd_compress, outputs={"out": FOLDER})
 
     p = sub.add_parser("prune", help="one-shot prune to a budget and save the slim model",
