@@ -16,6 +16,7 @@ from .importance import CRITERIA, Criterion
 from .losses import DistillLoss
 from .budget import BudgetError, Constraints, Target
 from .prune import prune
+from .qat import distill_int8
 from .quantize import QuantizeError, QuantizeResult, choose_method, quantize
 from .pruner import Pruner, slice_optimizer
 from .report import format_report
@@ -24,6 +25,6 @@ from .version import __version__
 __all__ = ["__version__", "BenchResult", "BudgetError", "CRITERIA", "CaptureError", "CompressResult", "Constraints", "Cost", "Target",
            "Criterion", "DataError", "DistillLoss", "DistillResult", "ExportError", "LoadError", "Pruner",
            "QuantizeError", "QuantizeResult", "bench", "choose_method",
-           "capture", "comb", "compress", "cost", "distill", "eliminate", "evaluate", "export_onnx", "format_report",
+           "capture", "comb", "compress", "cost", "distill", "distill_int8", "eliminate", "evaluate", "export_onnx", "format_report",
            "load", "prune", "quantize", "reestimate_batch_norm", "resolve_data", "save", "set_mode", "slice_optimizer",
            "split_off"]
