@@ -5,6 +5,7 @@ model at batch 1 and 8, and scored in onnxruntime where the model is trained.
     python benchmarks/int8.py                              # all three models' rows in benchmarks/results/int8.json
     python benchmarks/int8.py --models fashion --fashion-size 56 --train-images 20000   # a larger Fashion model
     python benchmarks/int8.py --quick                      # tiny inputs, to try the script (to a temporary file)
+    python benchmarks/int8.py --table --write              # README's and RESULTS' int8 tables from the rows
 
 Models:
 - resnet50: transformers ResNet-50 at 224x224 with random weights (speed only;
@@ -44,14 +45,16 @@ from torch.utils.data import Dataset, Subset
 
 import cpdfx
 from cpdfx import zoo
-from cpdfx.cli import batches
-from cpdfx.data import resolve_data
+from cpdfx.data import batches, resolve_data
 from cpdfx.distill import distill, evaluate
 from cpdfx.files import cache_dir, write_json
 from cpdfx.models import ResNetTiny
 from cpdfx.onnxmodel import OnnxModel
 from cpdfx.pipeline import Int8, int8_ready
 from cpdfx.runtime import cpu_flags
+
+sys.path.insert(0, str(Path(__file__).parent))
+from proof_table import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "int8.json"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -183,6 +186,61 @@ def verdict(rows: list) -> str:
             + ("pays here" if ratio > 1 else "does not pay here"))
 
 
+def results_table(rows: list) -> str:
+    """RESULTS' section: per model, the four variants at each batch, with the
+    machine and command of its rows."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        first, m = mine[0], mine[0]["machine"]
+        out += [f"**{model}**: {first['description']}; slim: {first['slim']}.", "",
+                "| variant | batch | median ms | speed-up over original fp32 | test top-1 |",
+                "|---|---:|---:|---:|---:|"]
+        for r in sorted(mine, key=lambda r: (r["batch"], VARIANTS.index(r["variant"]))):
+            top1 = f"{r['top1']:.2%}" if r["top1"] is not None else "-"
+            out.append(f"| {r['variant']} | {r['batch']} | {r['median_ms']:.2f} | x{r['speedup']:.2f} | {top1} |")
+        out += ["", verdict(mine) + "."]
+        if first.get("asked"):
+            a = first["asked"]
+            out.append(f"Asked x{a['speedup']:g} (int8); the pruner measured x{a['measured_while_pruning']:.2f} "
+                       f"({'landed' if a['landed'] else 'not landed'}); the table above measures it again.")
+        if first.get("qat"):
+            q = first["qat"]
+            out.append(f"Post-training int8 of the slim model on {q['val_images']:,} val images: "
+                       f"{q['post_training']['int8']:.2%} against {q['post_training']['fp32']:.2%} fp32 "
+                       f"({-q['points_lost']:+.2f} points; quantization-aware distillation runs past "
+                       f"{q['trigger_points']:g}): " + (
+                           f"{q['epochs']} epoch(s) of it took int8 to {q['quantization_aware']['int8']:.2%} "
+                           f"({'kept' if q['kept'] else 'not kept'})." if q["epochs"] else "not run."))
+        out += ["", f"`{first['command']}` at {first['commit']}; onnxruntime {m['onnxruntime']} on {m['cpu']} "
+                    f"({m['cores']} cores, flags {', '.join(m['cpu_flags'])}), batch 1 and 8, interleaved, median "
+                    f"of {min(r['repeats'] for r in mine)} or more rounds.", ""]
+    return "\n".join(out).rstrip()
+
+
+def readme_table(rows: list) -> str:
+    """README's rows: each model's slim int8 speed-up at batch 8 and, where
+    trained, the top-1 of the fp32 original, the slim fp32 and the slim int8 model."""
+    lines = ["| model | slim int8 over fp32 original, batch 8 | slim fp32, batch 8 | top-1: original / slim / slim int8 |",
+             "|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        at = {r["variant"]: r for r in rows if r["model"] == model and r["batch"] == 8}
+        top1 = (" / ".join(f"{at[v]['top1']:.2%}" for v in ("original fp32", "slim fp32", "slim int8"))
+                if at["slim int8"]["top1"] is not None else "- (random weights)")
+        lines.append(f"| {model}: {at['slim int8']['description']} | x{at['slim int8']['speedup']:.2f} | "
+                     f"x{at['slim fp32']['speedup']:.2f} | {top1} |")
+    return "\n".join(lines)
+
+
+def tables(write: bool) -> None:
+    rows = json.loads(RESULTS.read_text())["rows"]
+    body = results_table(rows)
+    print(body + "\n\n" + readme_table(rows))
+    if write:
+        replace_section(Path(__file__).parent / "RESULTS.md", body, "int8")
+        replace_section(Path(__file__).parent.parent / "README.md", readme_table(rows), "int8")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny inputs and models, to try the script")
@@ -198,7 +256,11 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default its own)")
     parser.add_argument("--out", default=None, help=f"the JSON to write (default {RESULTS}; with --quick a "
                                                     f"temporary file)")
+    parser.add_argument("--table", action="store_true", help=f"print the tables of {RESULTS.name}, run nothing")
+    parser.add_argument("--write", action="store_true", help="with --table: replace README's and RESULTS' int8 sections")
     args = parser.parse_args()
+    if args.table:
+        return tables(args.write)
     warnings.filterwarnings("ignore")
     if args.quick:
         torch.set_num_threads(1)

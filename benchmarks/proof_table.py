@@ -34,7 +34,9 @@ SCORES = {"classification": ("test_top1", "top-1"), "segmentation": ("test_miou"
 
 
 def markers(task: str = "classification") -> tuple[str, str]:
-    return f"<!-- {SECTIONS[task]}:begin -->", f"<!-- {SECTIONS[task]}:end -->"
+    """The generated section's markers: a task's (SECTIONS), or any section's by its name."""
+    name = SECTIONS.get(task, task)
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def load(path: Path = RESULTS, task: str = "classification") -> list[dict]:

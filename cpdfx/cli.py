@@ -29,7 +29,7 @@ from .bench import bench
 from .budget import BudgetError, Target
 from .capture import CaptureError, capture, first_line
 from .compress import REPORT_FILE, compress
-from .data import VAL_SHARE, DataError, Part, resolve_data
+from .data import VAL_SHARE, DataError, Part, batches, resolve_data
 from .distill import distill, evaluate
 from .export import ExportError, LoadError, export_onnx, load, save
 from .files import atomic_path, write_json
@@ -301,14 +301,6 @@ def check_writable(path, folder: bool, flag: str = "--out") -> None:
             pass
     except OSError as err:
         raise UsageError(f"cannot write {path}: {err.strerror or err} in {parent}") from None
-
-
-def batches(data, count: int, batch_size: int, labels: bool = True, shuffle: bool = True) -> list:
-    """The first `count` batches of data, as (images, labels) or (images,)
-    tuples: shuffled with seed 0 (the same images in every run), or in order."""
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
-                                         generator=torch.Generator().manual_seed(0))
-    return [tuple(b) if labels else (b[0],) for _, b in zip(range(count), loader)]
 
 
 CALIBRATION_BATCH = 32  # images per int8 calibration batch

@@ -545,3 +545,11 @@ def cut(n: int, share: float, seed: int = VAL_SEED) -> tuple[list[int], list[int
     count = min(max(1, round(share * n)), n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[count:]), sorted(order[:count])
+
+
+def batches(data, count: int, batch_size: int, labels: bool = True, shuffle: bool = True) -> list:
+    """The first `count` batches of data, as (images, labels) or (images,)
+    tuples: shuffled with seed 0 (the same images in every run), or in order."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
+                                         generator=torch.Generator().manual_seed(0))
+    return [tuple(b) if labels else (b[0],) for _, b in zip(range(count), loader)]

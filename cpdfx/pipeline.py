@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 
 from .bench import bench, torch_threads
 from .compress import compress
-from .data import FASHION_ENV, DataError, fashion_root, resolve_data
+from .data import FASHION_ENV, DataError, batches, fashion_root, resolve_data
 from .distill import distill, evaluate
 from .export import export_onnx, save
 from .files import atomic_path, cache_dir, write_json, write_text
@@ -231,6 +231,7 @@ class DemoPlan:
     repeats: int = 30
 
 
+DEMO_CALIBRATION = (8, 32)  # the demo's int8 calibration: batches of training images, images per batch
 PLANS = {"full": DemoPlan(60000, 4, 60000, 2, None),
          "quick": DemoPlan(30000, 1, 24000, 1, 2000, repeats=20)}
 
@@ -387,11 +388,12 @@ def run_demo(args, plan: DemoPlan | None = None) -> dict:
         print(f"    top-1 on {len(val)} test images: teacher {result.report['teacher']['top1']:.2%}, "
               f"slim {result.report['student']['top1']:.2%}; channel counts in multiples of "
               f"{result.report['round_to']}")
-        print("3/3 exporting to ONNX, timing in onnxruntime, writing the report")
+        print("3/3 exporting to ONNX (and the slim model in int8), timing in onnxruntime, writing the report")
+        int8 = Int8(batches(slim_train, DEMO_CALIBRATION[0], DEMO_CALIBRATION[1], labels=False), method="minmax")
         summary = ship(teacher, result.model, x, val, "classification", Path(args.out), repeats=plan.repeats,
                        threads=threads, training=_budgets(name, plan, args, cached, teacher_train, slim_train, val,
                                                           result.report["loss"]),
-                       title=f"cpdfx demo: ResNetTiny on {name}, {args.macs:.0%} MACs, {args.importance}")
+                       title=f"cpdfx demo: ResNetTiny on {name}, {args.macs:.0%} MACs, {args.importance}", int8=int8)
     print(f"done in {time.perf_counter() - started:.0f} s; report, models and plot in {args.out}/")
     return summary
 

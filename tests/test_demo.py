@@ -48,6 +48,16 @@ def demo(tmp_path_factory, one_thread):
                                     x1=train[0][0][None], path=path, train=train, val=val)
 
 
+def test_shows_the_slim_model_in_int8_beside_the_fp32_ones(demo):
+    """The demo quantizes the slim model, scores the three in onnxruntime and
+    says in the report which to ship on this machine."""
+    assert (demo.out / "slim.int8.onnx").is_file()
+    int8 = json.loads((demo.out / "report.json").read_text())["int8"]
+    assert set(demo.summary["scores"]) == {"original", "slim", "slim int8"} and int8["method"] == "minmax"
+    assert int8["quantize"]["calibration"]["images"] == min(256, len(demo.train))
+    assert int8["verdict"] in (demo.out / "report.md").read_text()
+
+
 def test_falls_back_to_digits_and_reuses_the_cached_teacher(demo):
     assert demo.name == "digits"
     assert demo.trainings == 1 and demo.teacher_unchanged
