@@ -221,13 +221,16 @@ def results_table(rows: list) -> str:
 def readme_table(rows: list) -> str:
     """README's rows: each model's slim int8 speed-up at batch 8 and, where
     trained, the top-1 of the fp32 original, the slim fp32 and the slim int8 model."""
-    lines = ["| model | slim int8 over fp32 original, batch 8 | slim fp32, batch 8 | top-1: original / slim / slim int8 |",
+    lines = ["| model; budget | slim int8 over fp32 original, batch 8 | slim fp32, batch 8 | "
+             "top-1: original / slim / slim int8 |",
              "|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         at = {r["variant"]: r for r in rows if r["model"] == model and r["batch"] == 8}
         top1 = (" / ".join(f"{at[v]['top1']:.2%}" for v in ("original fp32", "slim fp32", "slim int8"))
                 if at["slim int8"]["top1"] is not None else "- (random weights)")
-        lines.append(f"| {model}: {at['slim int8']['description']} | x{at['slim int8']['speedup']:.2f} | "
+        r = at["slim int8"]
+        budget = f"asked x{r['asked']['speedup']:g} as int8" if r.get("asked") else "macs=0.5"
+        lines.append(f"| {r['description']}; {budget} | x{r['speedup']:.2f} | "
                      f"x{at['slim fp32']['speedup']:.2f} | {top1} |")
     return "\n".join(lines)
 

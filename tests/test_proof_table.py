@@ -10,6 +10,7 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import int8  # noqa: E402
 import proof_table  # noqa: E402
 
 KEYS = {"arch", "method", "macs", "seed", "val_curve", "macs_kept", "params_kept", "widths", "teacher_sha256", "epochs",
@@ -89,3 +90,20 @@ def test_committed_rows_hold_what_reproduces_them():
             assert r[test] is None  # a choice made on validation never read the test split
         else:
             assert r[test] is not None and len(r["teacher_sha256"]) == 64
+
+
+def test_int8_rows_hold_what_reproduces_them_and_the_tables_are_theirs():
+    """benchmarks/results/int8.json: every row carries its command, commit and
+    machine (with the CPU's flags, which int8 speed depends on), and README's
+    and RESULTS' int8 sections are what int8.py --table generates from them."""
+    path = ROOT / "benchmarks" / "results" / "int8.json"
+    if not path.is_file():
+        pytest.skip("no int8.json committed yet")
+    rows = json.loads(path.read_text())["rows"]
+    for r in rows:
+        assert {"command", "commit", "machine", "variant", "batch", "speedup", "model"} <= set(r)
+        assert r["command"].startswith("python benchmarks/int8.py") and "cpu_flags" in r["machine"]
+    for page, body in ((ROOT / "benchmarks" / "RESULTS.md", int8.results_table(rows)),
+                       (ROOT / "README.md", int8.readme_table(rows))):
+        begin, end = proof_table.markers("int8")
+        assert page.read_text().split(begin)[1].split(end)[0].strip() == body.strip(), page.name
