@@ -191,9 +191,11 @@ def _markdown(title, summary, timing, report) -> str:
               f"{summary['macs']['slim'] / summary['macs']['original']:.1%} of the MACs per image.", ""]
     if "int8" in summary:
         q = summary["int8"]
+        chosen = f"{', '.join(q['quantize']['methods'])} compared on validation" if q["quantize"]["methods"] else \
+            "as asked"
         lines += [f"{q['verdict']} All three models are scored in onnxruntime on "
                   f"{q['scores_onnxruntime']['images']:,} images; the int8 model is calibrated by "
-                  f"{q['method']} ({', '.join(q['quantize']['methods']) or 'as asked'} compared on validation).", ""]
+                  f"{q['method']} ({chosen}).", ""]
     if summary.get("int8", {}).get("qat", {}).get("epochs"):
         t = summary["int8"]["qat"]
         lines += [f"Post-training int8 lost {t['points_lost']:.2f} points on validation (more than "
