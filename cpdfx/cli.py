@@ -502,10 +502,31 @@ def cmd_bench(args) -> None:
     result = bench(models, shape, batch_sizes=_ints(args.batch_sizes), threads=args.threads, repeats=args.repeats,
                    min_seconds=args.min_seconds, samples=args.samples)
     print(result.markdown())
+    for line in int8_verdicts(models, result.rows):
+        print(line)
     if args.out:
         result.to_json(args.out)
     if args.plot:
         result.plot(args.plot)
+
+
+def int8_verdicts(models: dict, rows: list) -> list[str]:
+    """For each int8 file timed beside its fp32 file (X.int8.onnx beside
+    X.onnx), one line: its speed-up over the fp32 file at each batch on the
+    CPU, and whether int8 pays on this machine (faster at every batch)."""
+    names = {Path(file).resolve(): name for name, file in models.items()}
+    lines = []
+    for name, file in models.items():
+        fp32 = Path(file).resolve().with_name(Path(file).name.replace(".int8.onnx", ".onnx"))
+        if not Path(file).name.endswith(".int8.onnx") or fp32 not in names:
+            continue
+        at = {(r["model"], r["batch"]): r["speedup"] for r in rows if r["device"] == "cpu"}
+        ratios = {b: at[name, b] / at[names[fp32], b] for m, b in at if m == name}
+        times = ", ".join(f"x{v:.2f} at batch {b}" for b, v in ratios.items())
+        pays = all(v > 1 for v in ratios.values())
+        lines.append(f"{name} against {names[fp32]}: {times}: int8 "
+                     + ("pays on this machine" if pays else "does not pay on this machine (ship the fp32 file)"))
+    return lines
 
 
 def _read_onnx(path):

@@ -2,6 +2,7 @@
 and the CLI's quantize, export --int8 and compress --int8 on good and bad input."""
 import json
 import logging
+import re
 
 import numpy as np
 import onnx
@@ -234,6 +235,14 @@ def test_cli_export_int8_writes_both_files(tmp_path):
                  "--calibration-batches", "2", "--out", out)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and (tmp_path / "net.int8.onnx").is_file()
+    timed = run("bench", out, tmp_path / "net.int8.onnx", "--batch-sizes", "1,2", "--repeats", "3",
+                "--min-seconds", "0")
+    assert timed.returncode == 0, timed.stderr
+    verdict = next(line for line in timed.stdout.splitlines() if line.startswith("net.int8 against net:"))
+    ratios = [float(v) for v in re.findall(r"x([0-9.]+) at batch", verdict)]
+    pays = verdict.endswith(": int8 pays on this machine")
+    assert len(ratios) == 2 and (pays or verdict.endswith("does not pay on this machine (ship the fp32 file)"))
+    assert pays if min(ratios) >= 1.01 else not pays if min(ratios) <= 0.99 else True  # x1.00: rounded either way
 
 
 @pytest.fixture(scope="module")
