@@ -7,7 +7,7 @@ and scored in onnxruntime, fp32 and int8, on val and, once per row, on test.
 
     python benchmarks/int8.py --models fashion          # first: trains and caches the teacher
     python benchmarks/qat_proof.py --seeds 0-4 --reduce-range
-    python benchmarks/qat_proof.py --table              # the paired comparison of the rows
+    python benchmarks/qat_proof.py --table --write      # the paired comparison, into RESULTS
 
 --reduce-range quantizes the weights to 7 bits, as onnxruntime does by default
 on an x86 CPU without VNNI (cpdfx.quantize's default there): the setting where
@@ -41,6 +41,7 @@ from cpdfx.qat import distill_int8
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distill_proof import commit, machine  # noqa: E402
+from proof_table import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "qat_proof.json"
 TEACHER = cache_dir() / "int8" / "fashion-w32-64-128-s28-e4.pt"
@@ -107,23 +108,33 @@ def rows(args) -> None:
     write_json(RESULTS, collected)
 
 
-def table() -> None:
-    rows = json.loads(RESULTS.read_text())
+def markdown(rows: list) -> str:
+    """The two arms' test top-1, fp32 and int8, and qat's paired gap over fp32 in int8."""
+    lines = []
     for rr in sorted({r["reduce_range"] for r in rows}):
         by = {(r["arm"], r["seed"]): r for r in rows if r["reduce_range"] == rr}
         common = sorted({s for a, s in by if a == "qat"} & {s for a, s in by if a == "fp32"})
-        print(f"\n7-bit weights (reduce_range): {rr}; {len(common)} seeds; test top-1, mean ± std")
-        print("| arm | fp32 | int8 | int8 − fp32 |\n|---|---|---|---|")
+        lines += [f"7-bit weights (reduce_range): {rr}; {len(common)} seeds; test top-1, mean ± std", "",
+                  "| arm | fp32 | int8 | int8 − fp32 |", "|---|---|---|---|"]
         for arm in ARMS:
             f = torch.tensor([by[arm, s]["test_fp32"] * 100 for s in common])
             q = torch.tensor([by[arm, s]["test_int8"] * 100 for s in common])
-            print(f"| {arm} | {f.mean():.2f} ± {f.std():.2f} | {q.mean():.2f} ± {q.std():.2f} | "
-                  f"{(q - f).mean():+.2f} ± {(q - f).std():.2f} |")
+            lines.append(f"| {arm} | {f.mean():.2f} ± {f.std():.2f} | {q.mean():.2f} ± {q.std():.2f} | "
+                         f"{(q - f).mean():+.2f} ± {(q - f).std():.2f} |")
         a = [by["qat", s]["test_int8"] * 100 for s in common]
         b = [by["fp32", s]["test_int8"] * 100 for s in common]
         gap = torch.tensor(a) - torch.tensor(b)
         p = stats.ttest_rel(a, b).pvalue if len(common) > 1 else float("nan")
-        print(f"\nint8 test top-1, qat − fp32: {gap.mean():+.2f} ± {gap.std():.2f} points, paired t-test p = {p:.3f}")
+        lines += ["", f"int8 test top-1, qat − fp32: {gap.mean():+.2f} ± {gap.std():.2f} points, paired t-test "
+                      f"p = {p:.3f}", ""]
+    return "\n".join(lines).strip()
+
+
+def table(write: bool) -> None:
+    text = markdown(json.loads(RESULTS.read_text()))
+    print(text)
+    if write:
+        replace_section(Path(__file__).parent / "RESULTS.md", text, "qat_proof")
 
 
 def main():
@@ -134,9 +145,10 @@ def main():
     parser.add_argument("--cache", default="/tmp/qat_proof")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the comparison of the collected rows")
+    parser.add_argument("--write", action="store_true", help="with --table: replace RESULTS' qat_proof section")
     args = parser.parse_args()
     if args.table:
-        return table()
+        return table(args.write)
     torch.set_num_threads(args.threads)
     rows(args)
 

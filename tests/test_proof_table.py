@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import int8  # noqa: E402
 import proof_table  # noqa: E402
+import qat_proof  # noqa: E402
 
 KEYS = {"arch", "method", "macs", "seed", "val_curve", "macs_kept", "params_kept", "widths", "teacher_sha256", "epochs",
         "command"}  # and the task's test and val score
@@ -107,3 +108,17 @@ def test_int8_rows_hold_what_reproduces_them_and_the_tables_are_theirs():
                        (ROOT / "README.md", int8.readme_table(rows))):
         begin, end = proof_table.markers("int8")
         assert page.read_text().split(begin)[1].split(end)[0].strip() == body.strip(), page.name
+
+
+def test_qat_rows_pair_by_seed_and_their_section_is_generated():
+    path = ROOT / "benchmarks" / "results" / "qat_proof.json"
+    if not path.is_file():
+        pytest.skip("no qat_proof.json committed yet")
+    rows = json.loads(path.read_text())
+    for r in rows:
+        assert {"arm", "seed", "command", "commit", "machine", "teacher_sha256", "test_int8", "val_int8"} <= set(r)
+    assert {(r["seed"], r["reduce_range"]) for r in rows if r["arm"] == "qat"} == \
+        {(r["seed"], r["reduce_range"]) for r in rows if r["arm"] == "fp32"}
+    begin, end = proof_table.markers("qat_proof")
+    page = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    assert page.split(begin)[1].split(end)[0].strip() == qat_proof.markdown(rows)
