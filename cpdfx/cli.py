@@ -581,14 +581,14 @@ def cmd_compress(args) -> None:
                       ignore=tuple(args.ignore or ()),
                       latency_options=latency_options(args), labels=args.labels, out_dir=out / "train",
                       resume=args.resume, batch_size=args.batch_size, lr=args.lr, test_data=test)
+    slim, plan = result.model, int8_data(args) if args.int8 else None
+    if plan is not None:  # on every rank: its scores are summed over them, its fine-tune trains under DDP
+        slim, plan = int8_ready(model, slim, x, train, val, plan, args.task, epochs=args.qat_epochs,
+                                batch_size=args.batch_size)
     if is_main():  # under torchrun every rank holds the same slim model; one exports, times and reports it
         metric, tested = "top1" if args.task == "classification" else "miou", result.report["test"]
         final = ("the scores in the table (all three scored in onnxruntime: report.json's \"int8\")" if args.int8
                  else "the scores in the table (report.json's \"test\")")
-        slim, plan = result.model, int8_data(args) if args.int8 else None
-        if plan is not None:
-            slim, plan = int8_ready(model, slim, x, train, val, plan, args.task, epochs=args.qat_epochs,
-                                    batch_size=args.batch_size)
         ship(model, slim, x, test, args.task, out, title=f"cpdfx compress {args.model}",
              training=[*training, split_note(args, val, test, final)],
              scores={"original": tested["teacher"][metric], "slim": tested["student"][metric]}, int8=plan)

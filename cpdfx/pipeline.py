@@ -27,6 +27,7 @@ from .quantize import choose_method, quantize
 from .runtime import channel_block
 from .teacher import METRIC_NAMES
 from .models import ResNetTiny
+from .ranks import is_main
 from .report import REPORT, format_report, per_image
 from .version import __version__
 
@@ -98,7 +99,10 @@ def int8_ready(teacher, slim, x, train, val, plan: Int8, task: str, *, epochs: i
     slim fp32, both in onnxruntime; where it loses more than QAT_TRIGGER
     points, slim is distilled from the teacher for `epochs` with int8
     rounding in the loop (qat.distill_int8, AdamW at QAT_LR), and that model
-    is kept where its int8 scores higher on val. Test is not read."""
+    is kept where its int8 scores higher on val. Test is not read. Under
+    torchrun every rank calls it (the scores are summed over the ranks, the
+    fine-tune trains under DDP) and rank 0 prints."""
+    say = print if is_main() else lambda text: None
     metric = "top1" if task == "classification" else "miou"
     with tempfile.TemporaryDirectory(prefix="cpdfx-qat-") as tmp:
         def val_scores(model, name):
@@ -111,17 +115,17 @@ def int8_ready(teacher, slim, x, train, val, plan: Int8, task: str, *, epochs: i
         lost = (before["fp32"] - before["int8"]) * 100
         facts = {"metric": metric, "trigger_points": QAT_TRIGGER, "val_images": len(val), "post_training": before,
                  "points_lost": lost, "epochs": 0, "kept": False}
-        print(f"post-training int8 on val: {METRIC_NAMES.get(metric, metric)} {before['int8']:.2%} against "
+        say(f"post-training int8 on val: {METRIC_NAMES.get(metric, metric)} {before['int8']:.2%} against "
               f"{before['fp32']:.2%} in fp32 ({-lost:+.2f} points)")
         if lost <= QAT_TRIGGER or epochs < 1:
             return slim, replace(plan, qat=facts)
-        print(f"more than {QAT_TRIGGER:g} point lost: {epochs} epoch(s) of quantization-aware distillation")
+        say(f"more than {QAT_TRIGGER:g} point lost: {epochs} epoch(s) of quantization-aware distillation")
         result = distill_int8(slim, teacher, train, val, epochs=epochs, task=task, batch_size=batch_size,
                               lr=QAT_LR, progress=progress)
         after = val_scores(result.student, "qat")
         keep = after["int8"] > before["int8"]
         facts.update(epochs=epochs, lr=QAT_LR, quantization_aware=after, kept=keep)
-        print(f"after it, int8 on val: {after['int8']:.2%} (fp32 {after['fp32']:.2%}): "
+        say(f"after it, int8 on val: {after['int8']:.2%} (fp32 {after['fp32']:.2%}): "
               + ("kept" if keep else "not better, the model before it kept"))
     return (result.student if keep else slim), replace(plan, qat=facts)
 
