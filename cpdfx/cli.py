@@ -515,12 +515,12 @@ def int8_verdicts(models: dict, rows: list) -> list[str]:
     X.onnx), one line: its speed-up over the fp32 file at each batch on the
     CPU, and whether int8 pays on this machine (faster at every batch)."""
     names = {Path(file).resolve(): name for name, file in models.items()}
+    at = {(r["model"], r["batch"]): r["speedup"] for r in rows if r["device"] == "cpu"}
     lines = []
     for name, file in models.items():
         fp32 = Path(file).resolve().with_name(Path(file).name.replace(".int8.onnx", ".onnx"))
         if not Path(file).name.endswith(".int8.onnx") or fp32 not in names:
             continue
-        at = {(r["model"], r["batch"]): r["speedup"] for r in rows if r["device"] == "cpu"}
         ratios = {b: at[name, b] / at[names[fp32], b] for m, b in at if m == name}
         times = ", ".join(f"x{v:.2f} at batch {b}" for b, v in ratios.items())
         pays = all(v > 1 for v in ratios.values())

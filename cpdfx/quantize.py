@@ -279,9 +279,7 @@ def timing_model(onnx_in: str | bytes, shape, reduce_range: bool | None = None) 
         if isinstance(onnx_in, bytes):
             source = os.path.join(tmp, "fp32.onnx")
             Path(source).write_bytes(onnx_in)
-        proto = onnx.load(source)
-        weights = {t.name for t in proto.graph.initializer}
-        name = next(i.name for i in proto.graph.input if i.name not in weights)
+        name = model_inputs(onnx.load(source))[0].name
         feed = {name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
         path = calibrate(prepare(source, os.path.join(tmp, "prepared.onnx")), os.path.join(tmp, "int8.onnx"),
                          [(feed, None)], "minmax", True, reduce_range, "the model to time")
@@ -389,11 +387,16 @@ def _session(path, threads, what: str):
                             f"{first_line(err)}") from None
 
 
+def model_inputs(proto: onnx.ModelProto) -> list:
+    """The graph's inputs a caller feeds (older exporters also list the weights as inputs)."""
+    weights = {t.name for t in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in weights]
+
+
 def _feeds(items, proto: onnx.ModelProto, path, what: str) -> list:
     """(input dict, target) pairs from the items, each input checked against
     the sizes the model declares and cast to its element type."""
-    weights = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in weights]
+    inputs = model_inputs(proto)
     feeds = []
     for i, item in enumerate(items):
         try:
